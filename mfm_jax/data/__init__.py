@@ -1,0 +1,1 @@
+"""mfm_jax.data package."""
