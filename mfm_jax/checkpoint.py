@@ -1,0 +1,262 @@
+"""Train-state checkpoints: one small wrapper around Orbax's ``CheckpointManager``.
+
+Layout of a checkpoint root (one directory per saved step, written atomically by Orbax: the
+data goes to ``<step>.orbax-checkpoint-tmp-<ts>/`` and is renamed to ``<step>/`` only once
+complete, so an interrupted save is never listed)::
+
+  <directory>/<step>/state/   StandardSave of the train state (any pytree of jax arrays)
+  <directory>/<step>/extra/   JsonSave of a small JSON dict (e.g. the data iterator state)
+
+The reference keeps one checkpoint at iteration 40k (uda_reference.md §2.7, max_keep 1); here
+the interval and ``keep`` are configurable. All processes call ``save``/``restore``; Orbax
+decides which host writes what.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+STATE_ITEM = "state"
+EXTRA_ITEM = "extra"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory is missing, empty, corrupt or does not hold what was asked for."""
+
+
+class NonFiniteStateError(CheckpointError):
+  """The state to be saved holds NaN/Inf values; it is not written."""
+
+
+def _path_str(path: Sequence[Any]) -> str:
+  return jax.tree_util.keystr(tuple(path), simple=True, separator="/") or "<root>"
+
+
+@jax.jit
+def _leaves_finite(leaves: list[jax.Array]) -> jax.Array:
+  # One global reduction per leaf: in multi-process runs every process gets the same answer,
+  # so either all of them save or all of them raise (no process is left waiting in a barrier).
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def check_finite(state: Any) -> None:
+  """Raises ``NonFiniteStateError`` naming the leaves of ``state`` that hold NaN or Inf."""
+  named, bad = [], []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    if isinstance(leaf, float):
+      if not math.isfinite(leaf):
+        bad.append(_path_str(path))
+    elif hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact):
+      named.append((path, leaf))
+  if named:
+    leaves = [leaf for _, leaf in named]
+    try:
+      finite = np.asarray(_leaves_finite(leaves))
+    except ValueError:  # Leaves committed to different device sets: reduce them one by one.
+      finite = np.asarray([jnp.all(jnp.isfinite(x)) for x in leaves])
+    bad += [_path_str(p) for (p, _), ok in zip(named, finite) if not ok]
+  if bad:
+    shown = ", ".join(bad[:10]) + (f" (+{len(bad) - 10} more)" if len(bad) > 10 else "")
+    raise NonFiniteStateError(
+        f"Refusing to checkpoint a state with non-finite values in {len(bad)} leaves: {shown}. "
+        "The last good checkpoint is kept.")
+
+
+def _check_abstract(abstract_state: Any) -> None:
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state):
+    if isinstance(leaf, jax.Array):
+      continue
+    if not isinstance(leaf, jax.ShapeDtypeStruct) or leaf.sharding is None:
+      raise CheckpointError(
+          f"restore() needs an abstract target whose leaves are jax.ShapeDtypeStruct with a "
+          f"sharding; leaf {_path_str(path)!r} is {leaf!r}. Build it with "
+          "jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), "
+          "jax.eval_shape(init_fn), shardings).")
+
+
+class Checkpointer:
+  """Saves/restores a train state plus a JSON ``extra`` dict under ``directory``.
+
+  Args:
+    directory: checkpoint root (created if missing; local path or any ``epath`` URL).
+    keep: number of most recent checkpoints kept (older ones are deleted).
+    save_interval_steps: ``save(step, ...)`` only writes when ``step`` is a multiple of this
+      (unless ``force=True``).
+  """
+
+  def __init__(self, directory: str | epath.PathLike, *, keep: int = 3,
+               save_interval_steps: int = 1000):
+    if keep < 1:
+      raise ValueError(f"Checkpointer: keep must be >= 1, got {keep}")
+    if save_interval_steps < 1:
+      raise ValueError(f"Checkpointer: save_interval_steps must be >= 1, got {save_interval_steps}")
+    self.directory = epath.Path(directory)
+    # Orbax's default policy also saves the very first step it sees; only multiples of the
+    # interval (plus preemption sync points on multi-host jobs) are wanted here.
+    policy = ocp.checkpoint_managers.AnySavePolicy([
+        ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
+        ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        save_decision_policy=policy,
+        create=True,
+        # Leftovers of saves interrupted before the final rename are deleted at start-up.
+        cleanup_tmp_directories=True,
+    )
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=(STATE_ITEM, EXTRA_ITEM))
+
+  def latest_step(self) -> int | None:
+    """The newest finalised step, or None when the directory holds no checkpoint."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """All finalised steps, ascending."""
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, *, extra: dict | None = None,
+           force: bool = False) -> bool:
+    """Saves ``state`` (and ``extra``) at ``step`` if the interval allows or ``force`` is set.
+
+    Returns whether a checkpoint was written (False when skipped by the interval or when
+    ``step`` is already saved). Raises ``NonFiniteStateError`` before writing anything if a
+    floating leaf is NaN/Inf, so the last good checkpoint always survives. The write itself is
+    asynchronous; call ``wait()`` to block until it is on disk.
+    """
+    step = int(step)
+    if step in self._manager.all_steps():
+      return False
+    if not force and not self._manager.should_save(step):
+      return False
+    extra = {} if extra is None else extra
+    try:
+      json.dumps(extra, allow_nan=False)
+    except (TypeError, ValueError) as e:
+      raise CheckpointError(
+          f"Checkpointer.save: `extra` must be a JSON-serialisable dict of finite values: {e}") from e
+    check_finite(state)
+    return self._manager.save(
+        step, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardSave(state),
+            EXTRA_ITEM: ocp.args.JsonSave(extra),
+        }), force=True)
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+    """Restores ``(state, extra)`` at ``step`` (default: latest) onto ``abstract_state``.
+
+    ``abstract_state`` has the structure of the saved state and ``jax.ShapeDtypeStruct``
+    leaves carrying the target shardings, so a checkpoint written on one mesh / device count
+    can be restored onto another.
+    """
+    _check_abstract(abstract_state)
+    self._manager.wait_until_finished()
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise CheckpointError(f"No checkpoint found in {self.directory}")
+      step = steps[-1]
+    elif step not in steps:
+      raise CheckpointError(
+          f"No checkpoint for step {step} in {self.directory}; available steps: {steps}")
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+          EXTRA_ITEM: ocp.args.JsonRestore(),
+      }))
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(
+          f"Could not restore step {step} from {self.directory} onto the given target "
+          f"(structure/shape mismatch?): {e}") from e
+    return restored[STATE_ITEM], dict(restored[EXTRA_ITEM] or {})
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are finalised."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager's resources."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _resolve_state_dir(path: epath.Path) -> epath.Path:
+  """Maps a checkpoint root, a step directory or a state item directory to the item directory."""
+  if not path.is_dir():
+    raise CheckpointError(f"Checkpoint path {path} does not exist or is not a directory")
+  if (path / "_METADATA").exists():  # Already the `state` item directory.
+    return path
+  if (path / STATE_ITEM).is_dir():  # A step directory.
+    return path / STATE_ITEM
+  manager = ocp.CheckpointManager(
+      path, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      item_names=(STATE_ITEM, EXTRA_ITEM))
+  try:
+    step = manager.latest_step()
+  finally:
+    manager.close()
+  if step is None:
+    raise CheckpointError(
+        f"{path} is not an Orbax checkpoint: expected a checkpoint root with finalised step "
+        f"directories, a step directory containing '{STATE_ITEM}/', or a '{STATE_ITEM}' item "
+        "directory")
+  state_dir = path / str(step) / STATE_ITEM
+  if not state_dir.is_dir():
+    raise CheckpointError(f"Checkpoint step directory {path / str(step)} has no '{STATE_ITEM}/'")
+  return state_dir
+
+
+def load_params(path: str | epath.PathLike,
+                subtree: Sequence[str] = ("params", "model")) -> Any:
+  """Reads only ``subtree`` of a saved train state as a nested dict of numpy arrays.
+
+  ``path`` may be a ``Checkpointer`` root (its latest step is used), one step directory or
+  the ``state`` item directory. Used for ``config.init_from`` and standalone evaluation; no
+  device placement happens, so it works whatever mesh wrote the checkpoint.
+  """
+  path = epath.Path(path)
+  state_dir = _resolve_state_dir(path)
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    metadata = handler.metadata(state_dir)
+    tree = metadata.tree if hasattr(metadata, "tree") else metadata
+  except Exception as e:  # Orbax raises assorted types for unreadable metadata.
+    raise CheckpointError(f"Corrupt or unreadable checkpoint metadata in {state_dir}: {e}") from e
+  node = tree
+  for i, key in enumerate(subtree):
+    if not isinstance(node, dict) or key not in node:
+      have = sorted(node) if isinstance(node, dict) else type(node).__name__
+      raise CheckpointError(
+          f"Checkpoint {state_dir} has no sub-tree {'/'.join(subtree[:i + 1])!r}; "
+          f"keys at that level: {have}")
+    node = node[key]
+  item = node
+  for key in reversed(tuple(subtree)):
+    item = {key: item}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  try:
+    restored = handler.restore(
+        state_dir, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
+  except Exception as e:  # tensorstore/ocdbt errors on damaged data files.
+    raise CheckpointError(f"Corrupt checkpoint data in {state_dir}: {e}") from e
+  finally:
+    handler.close()
+  for key in subtree:
+    restored = restored[key]
+  return restored

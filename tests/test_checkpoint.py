@@ -1,0 +1,189 @@
+"""Tests for mfm_jax.checkpoint: save/restore across meshes, keep-N, interval, atomicity, errors."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+from mfm_jax import checkpoint
+
+
+@struct.dataclass
+class _State:
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+
+
+def _host_state(scale=1.0):
+  params = {
+      "model": {"w": np.arange(12, dtype=np.float32).reshape(4, 3) * scale,
+                "b": np.full((3,), 0.5 * scale, np.float32)},
+      "rebuilder": {"k": np.ones((2, 2), np.float32)},
+  }
+  opt_state = optax.adamw(1e-3).init(params)
+  return _State(step=np.int32(7), params=params, opt_state=opt_state)
+
+
+def _put(tree, sharding):
+  return jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), sharding), tree)
+
+
+def _replicated4():
+  return NamedSharding(Mesh(np.array(jax.devices()[:4]), ("data",)), P())
+
+
+def _abstract(tree, sharding_fn):
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype, sharding=sharding_fn(x)),
+      tree)
+
+
+def _assert_tree_equal(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_save_restore_across_meshes(tmp_path):
+  assert len(jax.devices()) >= 4
+  host = _host_state()
+  state = _put(host, _replicated4())
+  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", keep=2, save_interval_steps=10)
+  assert ckpt.latest_step() is None
+  assert ckpt.save(10, state, extra={"iterator": {"epoch": 1, "index": 42}})
+  ckpt.wait()
+  assert ckpt.latest_step() == 10
+
+  # Onto a single device.
+  one = SingleDeviceSharding(jax.devices()[0])
+  restored, extra = ckpt.restore(_abstract(host, lambda x: one))
+  _assert_tree_equal(restored, host)
+  assert extra == {"iterator": {"epoch": 1, "index": 42}}
+  assert restored.params["model"]["w"].sharding == one
+
+  # Onto a 2-device mesh, with the first axis sharded where it divides.
+  mesh2 = Mesh(np.array(jax.devices()[:2]), ("data",))
+  def shard2(x):
+    return NamedSharding(mesh2, P("data") if np.ndim(x) and np.shape(x)[0] % 2 == 0 else P())
+  restored, _ = ckpt.restore(_abstract(host, shard2), step=10)
+  _assert_tree_equal(restored, host)
+  w = restored.params["model"]["w"]
+  assert w.sharding.is_equivalent_to(NamedSharding(mesh2, P("data")), w.ndim)
+  assert len(w.addressable_shards) == 2
+  ckpt.close()
+
+
+def test_interval_keep_and_force(tmp_path):
+  state = _put(_host_state(), _replicated4())
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=2, save_interval_steps=5)
+  saved = [s for s in range(1, 16) if ckpt.save(s, state)]
+  assert saved == [5, 10, 15]
+  assert ckpt.save(17, state, force=True)
+  assert not ckpt.save(17, state, force=True)  # Already saved: no error, nothing written.
+  ckpt.wait()
+  assert ckpt.all_steps() == [15, 17]
+  assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["15", "17"]
+  ckpt.close()
+
+
+def test_non_finite_state_is_refused(tmp_path):
+  host = _host_state()
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=1, save_interval_steps=1)
+  assert ckpt.save(1, _put(host, _replicated4()))
+  ckpt.wait()
+  bad = host.replace(params={**host.params, "model": {**host.params["model"],
+                                                      "b": np.array([0., np.nan, 1.], np.float32)}})
+  with pytest.raises(checkpoint.NonFiniteStateError, match="params/model/b"):
+    ckpt.save(2, _put(bad, _replicated4()), force=True)
+  with pytest.raises(checkpoint.CheckpointError, match="JSON"):
+    ckpt.save(3, _put(host, _replicated4()), extra={"x": object()})
+  ckpt.wait()
+  assert ckpt.all_steps() == [1]  # keep=1 did not evict the good checkpoint.
+  restored, extra = ckpt.restore(_abstract(host, lambda x: SingleDeviceSharding(jax.devices()[0])))
+  _assert_tree_equal(restored, host)
+  assert extra == {}
+  ckpt.close()
+
+
+def test_interrupted_save_is_not_picked_up(tmp_path):
+  host = _host_state()
+  root = tmp_path / "ckpt"
+  ckpt = checkpoint.Checkpointer(root, keep=3, save_interval_steps=1)
+  ckpt.save(3, _put(host, _replicated4()))
+  ckpt.close()
+  # What a save killed before Orbax's final rename leaves behind: complete data under the
+  # temporary name (the strongest case: only the rename is missing).
+  shutil.copytree(root / "3", root / "9.orbax-checkpoint-tmp-1700000000000000")
+  ckpt = checkpoint.Checkpointer(root, keep=3, save_interval_steps=1)
+  assert ckpt.latest_step() == 3
+  assert ckpt.all_steps() == [3]
+  one = SingleDeviceSharding(jax.devices()[0])
+  restored, _ = ckpt.restore(_abstract(host, lambda x: one))
+  _assert_tree_equal(restored, host)
+  # A later save of that step works and is then the latest.
+  assert ckpt.save(9, _put(_host_state(2.0), _replicated4()))
+  ckpt.wait()
+  assert ckpt.latest_step() == 9
+  # The stale temporary directory was cleaned up at start-up (cleanup_tmp_directories).
+  assert sorted(p.name for p in root.iterdir()) == ["3", "9"]
+  assert checkpoint.load_params(root)["w"][1, 0] == 6.0
+  ckpt.close()
+
+
+def test_load_params_paths_and_errors(tmp_path):
+  host = _host_state()
+  root = tmp_path / "ckpt"
+  ckpt = checkpoint.Checkpointer(root, keep=3, save_interval_steps=1)
+  ckpt.save(4, _put(host, _replicated4()))
+  ckpt.save(8, _put(_host_state(3.0), _replicated4()))
+  ckpt.close()
+
+  latest = checkpoint.load_params(root)
+  assert set(latest) == {"w", "b"}
+  assert isinstance(latest["w"], np.ndarray)
+  np.testing.assert_array_equal(latest["w"], host.params["model"]["w"] * 3.0)
+  np.testing.assert_array_equal(checkpoint.load_params(root / "4")["b"], host.params["model"]["b"])
+  reb = checkpoint.load_params(root / "4" / "state", subtree=("params", "rebuilder"))
+  np.testing.assert_array_equal(reb["k"], np.ones((2, 2), np.float32))
+
+  with pytest.raises(checkpoint.CheckpointError, match="sub-tree 'params/decoder'"):
+    checkpoint.load_params(root, subtree=("params", "decoder"))
+  with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+    checkpoint.load_params(tmp_path / "missing")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(checkpoint.CheckpointError, match="empty.*not an Orbax checkpoint"):
+    checkpoint.load_params(tmp_path / "empty")
+  (tmp_path / "junk").mkdir()
+  (tmp_path / "junk" / "notes.txt").write_text("hello")
+  with pytest.raises(checkpoint.CheckpointError, match="junk"):
+    checkpoint.load_params(tmp_path / "junk")
+
+  # Corrupt: metadata garbage, then data files removed.
+  shutil.copytree(root / "4", tmp_path / "bad_meta")
+  (tmp_path / "bad_meta" / "state" / "_METADATA").write_text("{not json")
+  with pytest.raises(checkpoint.CheckpointError, match="bad_meta"):
+    checkpoint.load_params(tmp_path / "bad_meta")
+  shutil.copytree(root / "4", tmp_path / "bad_data")
+  for f in (tmp_path / "bad_data" / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(b"\0" * 7)
+  with pytest.raises(checkpoint.CheckpointError, match="bad_data"):
+    checkpoint.load_params(tmp_path / "bad_data")
+
+
+def test_restore_errors(tmp_path):
+  host = _host_state()
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=1, save_interval_steps=1)
+  one = SingleDeviceSharding(jax.devices()[0])
+  with pytest.raises(checkpoint.CheckpointError, match="No checkpoint found"):
+    ckpt.restore(_abstract(host, lambda x: one))
+  ckpt.save(2, _put(host, _replicated4()))
+  with pytest.raises(checkpoint.CheckpointError, match="ShapeDtypeStruct with a sharding"):
+    ckpt.restore(jax.eval_shape(lambda: _put(host, one)))
+  with pytest.raises(checkpoint.CheckpointError, match=r"step 5 .* available steps: \[2\]"):
+    ckpt.restore(_abstract(host, lambda x: one), step=5)
+  ckpt.close()
