@@ -1,0 +1,306 @@
+"""Config schema, shared config fragments and validation.
+
+A config file in ``configs/`` defines ``get_config(arg)`` and composes the plain functions of
+this module (no inheritance DSL). ``base_config()`` lists every key with the reference default
+and a comment naming its source; ``validate(config)`` turns bad values into clear errors that
+name the key.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import ml_collections
+
+from mfm_jax.data import labels
+
+# ---------------------------------------------------------------------------------------------
+# Presets ("configs/x.py:synthetic,hrda=False")
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses ``"a,b=1,c=x"`` into a ConfigDict over ``defaults``.
+
+  A bare word sets a boolean default to True. Values are parsed as Python literals when
+  possible, else kept as strings. Unknown names raise ``ValueError`` naming the preset.
+  """
+  out = ml_collections.ConfigDict(dict(defaults))
+  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+    key, has_value, raw = item.partition("=")
+    if key not in defaults:
+      raise ValueError(
+          f"Unknown config preset {key!r}; known presets: {', '.join(sorted(defaults))}.")
+    if not has_value:
+      value: Any = True
+    else:
+      try:
+        value = ast.literal_eval(raw)
+      except (ValueError, SyntaxError):
+        value = raw
+    out[key] = value
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema with reference defaults (MIC(DAFormer) + MFM on GTA→Cityscapes, 512 crops)
+
+METHODS = ("source_only", "dacs", "daformer", "mic")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key of the schema with the reference (DAFormer-family) default."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_steps = 40_000  # IterBasedRunner max_iters (uda_reference.md §2.7)
+  c.log_every = 50
+  c.eval_every = 4_000  # iters // 10 (§2.7)
+  c.checkpoint_every = 4_000
+  c.keep_checkpoints = 2
+  # Orbax checkpoint (e.g. written by `python -m mfm_jax.convert`) whose params initialise the
+  # student, the EMA teacher and the frozen ImageNet copy. Empty: random init.
+  c.init_from = ""
+  # Which sub-tree of `init_from` to use: 'model' (whole segmentor) or 'backbone' (encoder only,
+  # e.g. ImageNet mit_b5.pth weights).
+  c.init_scope = "backbone"
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = "mit_b5"  # §1.1
+  c.model.head = "daformer_sepaspp"  # §1.2
+  c.model.num_classes = labels.NUM_CLASSES
+  c.model.head_embed_dim = 256
+  c.model.head_dropout = 0.1  # Dropout2d before conv_seg
+  c.model.drop_path_rate = 0.1  # MiT class default, linear over all blocks
+  c.model.remat = False  # rematerialise encoder blocks (memory switch)
+  c.model.compute_dtype = "float32"  # 'float32' | 'bfloat16' (params/optimizer stay fp32)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "gta5"  # gta5 | synthia | cityscapes | synthetic_source | synthetic_target | folder_source | folder_target
+  c.data.target = "cityscapes"
+  c.data.data_dir = ""  # prepared TFDS datasets; '' → $MFM_JAX_DATA or ~/tensorflow_datasets
+  c.data.raw_dir = ""  # raw folders (used to generate/prepare the synthetic benchmark)
+  c.data.source_scale = (1280, 720)  # (w, h) keep-ratio resize, GTA (§3.2)
+  c.data.target_scale = (1024, 512)  # Cityscapes (§3.2)
+  c.data.test_scale = (1024, 512)  # §3.3
+  c.data.crop_size = (512, 512)  # (h, w)
+  c.data.cat_max_ratio = 0.75  # source RandomCrop (§3.2)
+  c.data.flip_prob = 0.5
+  c.data.batch_size = 2  # per domain, global: 2 source + 2 target (§2.7)
+  c.data.num_workers = 0  # grain worker processes (0 = in-process)
+  c.data.prefetch = 2
+  c.data.pseudo_margins = ()  # plcrop v2 (top, bottom, left, right) at full target res; () = off
+  c.data.eval_split = "val"
+  c.data.eval_batch_size = 1
+  c.data.max_eval_images = 0  # 0 = the whole split
+  c.data.rcs = ml_collections.ConfigDict()
+  c.data.rcs.enabled = True  # Rare Class Sampling (§2.5)
+  c.data.rcs.temperature = 0.01
+  c.data.rcs.min_pixels = 3000
+  c.data.rcs.min_crop_ratio = 0.5
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.seed = 0
+  c.data.synthetic.num_source = 400
+  c.data.synthetic.num_target = 200
+  c.data.synthetic.num_val = 60
+  c.data.synthetic.width = 192
+  c.data.synthetic.height = 96
+  c.data.folder = ml_collections.ConfigDict()
+  c.data.folder.source_dir = ""
+  c.data.folder.target_dir = ""
+  c.data.folder.label_map = ""  # JSON {label id: train id}; '' = Cityscapes label ids
+
+  c.uda = ml_collections.ConfigDict()
+  c.uda.enabled = True  # False = source-only training
+  c.uda.ema_alpha = 0.999  # α_t = min(1 − 1/(t+1), 0.999) (§2.2)
+  c.uda.pseudo_threshold = 0.968  # τ (§2.3)
+  c.uda.pseudo_ignore_top = 15  # DAFormer plcrop v1 (§2.3)
+  c.uda.pseudo_ignore_bottom = 120
+  c.uda.mix = "class"  # 'class' (DACS ClassMix) | 'none'
+  c.uda.color_jitter_strength = 0.2  # (§2.4)
+  c.uda.color_jitter_probability = 0.2
+  c.uda.blur = True
+  c.uda.fd = ml_collections.ConfigDict()
+  c.uda.fd.enabled = True  # ImageNet feature distance (§2.5)
+  c.uda.fd.weight = 0.005  # λ_FD
+  c.uda.fd.classes = labels.THING_CLASSES
+  c.uda.fd.scale_min_ratio = 0.75
+  c.uda.mic = ml_collections.ConfigDict()
+  c.uda.mic.enabled = True  # masked image consistency (§2.6)
+  c.uda.mic.block_size = 32  # 32 px at 512 crops, 64 px at 1024
+  c.uda.mic.ratio = 0.7
+  c.uda.mic.weight = 1.0
+  c.uda.mic.color_aug = True  # 'separatetrgaug'
+
+  c.mfm = ml_collections.ConfigDict()
+  c.mfm.enabled = True  # masked feature modeling (mfm_method.md)
+  c.mfm.weight = 1.0  # λ (PAPER)
+  c.mfm.mask_ratio = 0.4  # PAPER: 40 %
+  c.mfm.grid_size = 16  # PAPER: 16×16 latent grid
+  c.mfm.embed_dim = 512  # PAPER: C → 512
+  c.mfm.depth = 2  # PAPER: 2 Transformer blocks
+  c.mfm.num_heads = 8  # OURS
+  c.mfm.mlp_ratio = 4.0  # OURS
+  c.mfm.rebuild = True  # ablation: False = masking only
+  c.mfm.objective = "classification"  # | 'feature' (teacher-feature regression) | 'pixel'
+  c.mfm.domain = "target"  # | 'source' | 'both'
+  c.mfm.freeze = "none"  # | 'encoder' | 'decoder' (for the MFM loss only)
+  c.mfm.levels = "last"  # OURS: 'last' encoder stage | 'all' levels the decoder reads
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 6e-5  # AdamW (§2.7)
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.warmup_steps = 1500  # poly10warm
+  c.optim.warmup_ratio = 1e-6
+  c.optim.power = 1.0
+  c.optim.min_lr = 0.0
+  # mmcv paramwise custom_keys: substring → (lr_mult, decay_mult); 'rebuilder' is OURS.
+  c.optim.custom_keys = {"head": (10.0, 1.0), "pos_block": (1.0, 0.0), "norm": (1.0, 0.0),
+                         "rebuilder": (10.0, 1.0)}
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.mode = "whole"  # 'whole' | 'slide' (§4)
+  c.eval.crop_size = (1024, 1024)
+  c.eval.stride = (512, 512)
+  c.eval.which = "student"  # the reference evaluates the student (§1.5)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # devices on the 'data' axis; -1 = all
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Fragments
+
+
+def set_method(c: ml_collections.ConfigDict, method: str, mfm: bool) -> None:
+  """Switches the host UDA method (reference presets) and MFM on/off in place."""
+  if method not in METHODS:
+    raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
+  c.uda.enabled = method != "source_only"
+  # DACS: α 0.99, no FD, no RCS, no region filter (configs/_base_/uda/dacs.py).
+  dacs = method == "dacs"
+  c.uda.ema_alpha = 0.99 if dacs else 0.999
+  c.uda.fd.enabled = method in ("daformer", "mic")
+  c.data.rcs.enabled = method in ("daformer", "mic")
+  c.uda.pseudo_ignore_top = 0 if dacs else 15
+  c.uda.pseudo_ignore_bottom = 0 if dacs else 120
+  c.uda.mic.enabled = method == "mic"
+  c.mfm.enabled = bool(mfm)
+  if method == "source_only":
+    c.uda.fd.enabled = False
+    c.data.rcs.enabled = False
+
+
+def set_synthetic(c: ml_collections.ConfigDict) -> None:
+  """Shrinks everything to the embedded synthetic benchmark on a 2-core CPU."""
+  c.data.source = "synthetic_source"
+  c.data.target = "synthetic_target"
+  c.data.source_scale = (192, 96)
+  c.data.target_scale = (192, 96)
+  c.data.test_scale = (192, 96)
+  c.data.crop_size = (64, 64)
+  c.data.batch_size = 4
+  c.data.rcs.min_pixels = 30
+  c.model.backbone = "mit_tiny"
+  c.model.head_embed_dim = 64
+  c.model.drop_path_rate = 0.0
+  c.mfm.grid_size = 4
+  c.mfm.embed_dim = 64
+  c.mfm.num_heads = 4
+  c.uda.mic.block_size = 4  # 16 px at 512 → grid of 16 cells per side, scaled to 64-px crops
+  c.uda.pseudo_ignore_top = 0
+  c.uda.pseudo_ignore_bottom = 0
+  c.optim.lr = 6e-4
+  c.optim.warmup_steps = 50
+  c.num_steps = 1000
+  c.log_every = 50
+  c.eval_every = 500
+  c.checkpoint_every = 500
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+_CHOICES = {
+    "model.compute_dtype": ("float32", "bfloat16"),
+    "uda.mix": ("class", "none"),
+    "mfm.objective": ("classification", "feature", "pixel"),
+    "mfm.domain": ("target", "source", "both"),
+    "mfm.freeze": ("none", "encoder", "decoder"),
+    "mfm.levels": ("last", "all"),
+    "eval.mode": ("whole", "slide"),
+    "eval.which": ("student", "teacher"),
+    "init_scope": ("model", "backbone"),
+}
+
+_RANGES = {  # key: (low, high, low inclusive, high inclusive)
+    "mfm.mask_ratio": (0.0, 1.0, True, False),
+    "uda.mic.ratio": (0.0, 1.0, True, False),
+    "uda.ema_alpha": (0.0, 1.0, True, True),
+    "uda.pseudo_threshold": (0.0, 1.0, True, True),
+    "uda.color_jitter_probability": (0.0, 1.0, True, True),
+    "uda.color_jitter_strength": (0.0, 1.0, True, True),
+    "data.flip_prob": (0.0, 1.0, True, True),
+    "data.cat_max_ratio": (0.0, 1.0, False, True),
+    "optim.b1": (0.0, 1.0, True, False),
+    "optim.b2": (0.0, 1.0, True, False),
+}
+
+_POSITIVE = ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+             "data.batch_size", "data.eval_batch_size", "mfm.grid_size", "mfm.embed_dim",
+             "mfm.depth", "mfm.num_heads", "uda.mic.block_size", "optim.lr", "model.num_classes",
+             "data.rcs.temperature")
+_NON_NEGATIVE = ("optim.weight_decay", "optim.warmup_steps", "mfm.weight", "uda.mic.weight",
+                 "uda.fd.weight", "data.num_workers", "uda.pseudo_ignore_top",
+                 "uda.pseudo_ignore_bottom", "data.max_eval_images", "model.drop_path_rate")
+
+
+def _get(c: ml_collections.ConfigDict, key: str) -> Any:
+  for part in key.split("."):
+    c = c[part]
+  return c
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the key."""
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ``ConfigError`` naming the first invalid key."""
+  for key, choices in _CHOICES.items():
+    if _get(c, key) not in choices:
+      raise ConfigError(f"config.{key}={_get(c, key)!r} is invalid; choose one of {choices}.")
+  for key, (lo, hi, lo_in, hi_in) in _RANGES.items():
+    v = _get(c, key)
+    ok = (lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)
+    if not ok:
+      lb, rb = "[" if lo_in else "(", "]" if hi_in else ")"
+      raise ConfigError(f"config.{key}={v!r} is out of range {lb}{lo}, {hi}{rb}.")
+  for key in _POSITIVE:
+    if not _get(c, key) > 0:
+      raise ConfigError(f"config.{key}={_get(c, key)!r} must be > 0.")
+  for key in _NON_NEGATIVE:
+    if not _get(c, key) >= 0:
+      raise ConfigError(f"config.{key}={_get(c, key)!r} must be >= 0.")
+  for key in ("data.crop_size", "data.source_scale", "data.target_scale", "data.test_scale",
+              "eval.crop_size", "eval.stride"):
+    v = tuple(_get(c, key))
+    if len(v) != 2 or not all(isinstance(x, int) and x > 0 for x in v):
+      raise ConfigError(f"config.{key}={v!r} must be two positive integers.")
+  if c.mfm.embed_dim % c.mfm.num_heads:
+    raise ConfigError(f"config.mfm.embed_dim={c.mfm.embed_dim} must be divisible by "
+                      f"config.mfm.num_heads={c.mfm.num_heads}.")
+  if c.mfm.enabled and c.mfm.domain in ("target", "both") and not c.uda.enabled:
+    raise ConfigError("config.mfm.domain includes 'target', which needs the EMA teacher's pseudo-"
+                      "labels: set config.uda.enabled=True or config.mfm.domain='source'.")
+  bad = [k for k in c.uda.fd.classes if not 0 <= k < c.model.num_classes]
+  if bad:
+    raise ConfigError(f"config.uda.fd.classes has ids outside [0, {c.model.num_classes}): {bad}.")
+  if len(tuple(c.data.pseudo_margins)) not in (0, 4):
+    raise ConfigError("config.data.pseudo_margins must be () or (top, bottom, left, right).")
+  for key, (lr_mult, decay_mult) in dict(c.optim.custom_keys).items():
+    if lr_mult < 0 or decay_mult < 0:
+      raise ConfigError(f"config.optim.custom_keys[{key!r}] multipliers must be >= 0.")

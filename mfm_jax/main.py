@@ -1,0 +1,41 @@
+"""Entry point: ``python -m mfm_jax.main --config=configs/mic_mfm.py[:preset] --workdir=DIR``.
+
+Overrides use ml-collections syntax, e.g. ``--config.mfm.mask_ratio=0.5``; unknown keys and
+invalid values are rejected with a message naming the key.
+"""
+
+import os
+import sys
+
+# `jax[cuda12]` on a machine without a GPU prints a CUDA traceback unless told otherwise;
+# respect an explicit JAX_PLATFORMS from the user.
+if os.environ.get("MFM_JAX_CPU") == "1":
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "",
+                                   "host:port of process 0 for multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (multi-host).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  from mfm_jax import config_lib, parallel, train  # pylint: disable=g-import-not-at-top
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  try:
+    config_lib.validate(_CONFIG.value)
+  except config_lib.ConfigError as e:
+    sys.exit(f"Invalid config: {e}")
+  logging.info("Config:\n%s", _CONFIG.value)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

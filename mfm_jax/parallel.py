@@ -1,0 +1,79 @@
+"""Device mesh, shardings and multi-host start-up (``jax.jit`` + ``NamedSharding``, no pmap).
+
+Data parallelism: the train state is replicated, every batch array is sharded on its leading
+axis over the mesh's ``data`` axis. Statistics computed inside the step over the batch axis
+(BatchNorm, the pseudo-label confidence fraction) are therefore global-batch statistics, exactly
+as on one device with the same global batch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
+                           process_id: int = -1) -> None:
+  """Starts multi-process JAX when the environment (or explicit flags) asks for it.
+
+  Explicit ``coordinator_address`` wins; otherwise SLURM (``SLURM_NTASKS`` > 1), Cloud TPU pod
+  slices and ``JAX_COORDINATOR_ADDRESS`` are auto-detected by ``jax.distributed.initialize``.
+  A single-process run calls nothing.
+  """
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  elif (int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ
+        or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0):
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+
+
+def make_mesh(num_data: int = -1) -> Mesh:
+  """A 1-D mesh over ``num_data`` devices (-1 = all) named ``data``."""
+  devices = jax.devices()
+  if num_data == -1:
+    num_data = len(devices)
+  if not 0 < num_data <= len(devices):
+    raise ValueError(f"config.mesh.data={num_data} but {len(devices)} devices are available.")
+  return Mesh(np.asarray(devices[:num_data]), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, what: str = "config.data.batch_size") -> None:
+  n = mesh.devices.size
+  if global_batch % n:
+    raise ValueError(f"{what}={global_batch} must be divisible by the {n} devices of the mesh "
+                     f"(set config.mesh.data or the batch size).")
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles global arrays from each process's local shard of the batch."""
+  sharding = data_sharded(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def to_host(tree: Any) -> Any:
+  """Fully-replicated (or addressable) arrays → numpy on every process."""
+  return jax.tree_util.tree_map(
+      lambda x: np.asarray(jax.device_get(x.addressable_data(0)) if hasattr(
+          x, "addressable_data") and x.is_fully_replicated else jax.device_get(x)), tree)

@@ -1,0 +1,176 @@
+"""Building the host network, the MFM task, the optimizer and the initial train state.
+
+Parameters are created directly with their target sharding (``jit(init, out_shardings=...)``);
+pretrained weights (``config.init_from``) are merged strictly: a missing, unexpected or
+wrongly-shaped tensor is an error that lists the offending names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mfm_jax import optim
+from mfm_jax.host import SegmentationHost
+from mfm_jax.mfm_task import MFMTask
+from mfm_jax.models import segmentor as segmentor_lib
+from mfm_jax.train_step import TrainState, needs_imnet, needs_teacher
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+  return _DTYPES[config.model.compute_dtype]
+
+
+def build_host(config: ml_collections.ConfigDict) -> SegmentationHost:
+  """The segmentation network behind the UDA step (HRDA when ``config.model.hrda`` is on)."""
+  hrda_cfg = config.model.get("hrda")
+  if hrda_cfg is not None and hrda_cfg.enabled:
+    from mfm_jax import hrda  # pylint: disable=g-import-not-at-top
+    return hrda.build_host(config)
+  return SegmentationHost(segmentor_lib.build_segmentor(config.model))
+
+
+def mfm_image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """Spatial size of the images whose features MFM masks."""
+  hrda_cfg = config.model.get("hrda")
+  if hrda_cfg is not None and hrda_cfg.enabled:
+    from mfm_jax import hrda  # pylint: disable=g-import-not-at-top
+    return hrda.mfm_image_size(config)
+  return tuple(config.data.crop_size)
+
+
+def build_mfm_task(config: ml_collections.ConfigDict) -> MFMTask | None:
+  if not config.mfm.enabled:
+    return None
+  return MFMTask(cfg=config.mfm, channels=tuple(segmentor_lib.feature_channels(config.model)),
+                 image_size=mfm_image_size(config), compute_dtype=compute_dtype(config))
+
+
+def _example_images(config: ml_collections.ConfigDict, batch: int = 1) -> jax.ShapeDtypeStruct:
+  h, w = config.data.crop_size
+  return jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32)
+
+
+def init_variables(config: ml_collections.ConfigDict, host: SegmentationHost,
+                   mfm_task: MFMTask | None, rng: jax.Array) -> dict[str, Any]:
+  """Initial ``params`` ({'model', 'rebuilder'?}) and ``batch_stats`` of the student."""
+  k_model, k_reb = jax.random.split(rng)
+  h, w = config.data.crop_size
+  images = jnp.zeros((1, h, w, 3), jnp.float32)
+  variables = host.model.init({"params": k_model, "dropout": k_model}, images, train=False)
+  params = {"model": variables["params"]}
+  if mfm_task is not None and mfm_task.has_params:
+    mh, mw = mfm_task.image_size
+    feats, _ = host.encode(variables, jnp.zeros((1, mh, mw, 3), jnp.float32), train=False)
+    params["rebuilder"] = mfm_task.init(k_reb, feats)
+  return {"params": params, "batch_stats": variables.get("batch_stats", {})}
+
+
+def _flat(tree) -> dict[str, Any]:
+  return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()}
+
+
+def merge_strict(target: Any, loaded: Any, what: str) -> Any:
+  """Returns ``loaded`` cast to ``target``'s dtypes; names/shapes must match exactly."""
+  t, l = _flat(target), _flat(loaded)
+  missing = sorted(set(t) - set(l))
+  unexpected = sorted(set(l) - set(t))
+  shapes = sorted(f"{k}: expected {tuple(t[k].shape)}, got {tuple(np.shape(l[k]))}"
+                  for k in set(t) & set(l) if tuple(t[k].shape) != tuple(np.shape(l[k])))
+  if missing or unexpected or shapes:
+    def show(xs):
+      return ", ".join(xs[:12]) + (f", … ({len(xs)} in all)" if len(xs) > 12 else "")
+    raise ValueError(
+        f"Cannot load {what}: missing {len(missing)} [{show(missing)}]; unexpected "
+        f"{len(unexpected)} [{show(unexpected)}]; shape mismatches {len(shapes)} [{show(shapes)}].")
+  out = {tuple(k.split("/")): np.asarray(l[k]).astype(t[k].dtype) for k in t}
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def load_init(config: ml_collections.ConfigDict, variables: dict[str, Any]) -> dict[str, Any]:
+  """Merges ``config.init_from`` into freshly initialised variables (host numpy)."""
+  from mfm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  path = config.init_from
+  variables = jax.tree_util.tree_map(np.asarray, variables)
+  model = checkpoint.load_params(path, subtree=("params", "model"))
+  params = dict(variables["params"])
+  if config.init_scope == "backbone":
+    if "backbone" not in model:
+      raise ValueError(f"config.init_from={path!r} has no 'backbone' parameters.")
+    params["model"] = {**params["model"],
+                       "backbone": merge_strict(params["model"]["backbone"], model["backbone"],
+                                                f"backbone weights from {path}")}
+    return {"params": params, "batch_stats": variables["batch_stats"]}
+  params["model"] = merge_strict(params["model"], model, f"model weights from {path}")
+  bstats = variables["batch_stats"]
+  if bstats:
+    bstats = merge_strict(bstats, checkpoint.load_params(path, subtree=("batch_stats",)),
+                          f"BatchNorm statistics from {path}")
+  return {"params": params, "batch_stats": bstats}
+
+
+def create_train_state(config: ml_collections.ConfigDict, host: SegmentationHost,
+                       mfm_task: MFMTask | None, tx, sharding=None) -> TrainState:
+  """Initial state (placed with ``sharding``, e.g. replicated over the mesh)."""
+  rng = jax.random.key(config.seed)
+
+  def from_variables(variables):
+    params, bstats = variables["params"], variables["batch_stats"]
+    copy = lambda t: jax.tree_util.tree_map(jnp.array, t)  # noqa: E731
+    teacher = needs_teacher(config)
+    imnet = needs_imnet(config)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=bstats,
+        opt_state=tx.init(params),
+        ema_params=copy(params["model"]) if teacher else None,
+        ema_batch_stats=copy(bstats) if teacher else None,
+        imnet_params=copy(params["model"]["backbone"]) if imnet else None,
+        imnet_batch_stats=copy(bstats.get("backbone", {})) if imnet else None)
+
+  if config.init_from:
+    variables = load_init(config, init_variables(config, host, mfm_task, rng))
+    return jax.jit(from_variables, out_shardings=sharding)(variables)
+  return jax.jit(lambda r: from_variables(init_variables(config, host, mfm_task, r)),
+                 out_shardings=sharding)(rng)
+
+
+def abstract_train_state(config, host, mfm_task, tx, sharding=None) -> TrainState:
+  """Shapes/dtypes (with shardings) of the train state, without allocating it."""
+  def make():
+    variables = init_variables(config, host, mfm_task, jax.random.key(config.seed))
+    params, bstats = variables["params"], variables["batch_stats"]
+    teacher, imnet = needs_teacher(config), needs_imnet(config)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=bstats,
+        opt_state=tx.init(params), ema_params=params["model"] if teacher else None,
+        ema_batch_stats=bstats if teacher else None,
+        imnet_params=params["model"]["backbone"] if imnet else None,
+        imnet_batch_stats=bstats.get("backbone", {}) if imnet else None)
+  shapes = jax.eval_shape(make)
+  if sharding is None:
+    return shapes
+  return jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def build_optimizer(config: ml_collections.ConfigDict, host, mfm_task):
+  """AdamW with the reference param groups, built from the abstract parameter tree."""
+  params = jax.eval_shape(
+      lambda: init_variables(config, host, mfm_task, jax.random.key(0))["params"])
+  return optim.make_optimizer(config.optim, params, config.num_steps)
+
+
+def deployed_params(state: TrainState, which: str = "student") -> dict[str, Any]:
+  """The inference network's variables: the segmentor alone (no Rebuilder)."""
+  if which == "teacher":
+    if state.ema_params is None:
+      raise ValueError("This run has no EMA teacher (config.uda.enabled=False).")
+    return {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
+  return {"params": state.params["model"], "batch_stats": state.batch_stats}

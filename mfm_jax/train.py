@@ -1,0 +1,163 @@
+"""Training loop: data, jitted update, logging, evaluation, checkpoints, signals.
+
+``train_and_evaluate(config, workdir)`` resumes from the newest checkpoint in ``workdir`` if
+there is one (state + data-iterator position), so a stopped run continues exactly. SIGTERM
+saves a checkpoint and exits cleanly; a non-finite loss stops the run with a clear message and
+never overwrites the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from mfm_jax import checkpoint, config_lib, inference, metric_writers, parallel, state as state_lib
+from mfm_jax.data import pipeline
+from mfm_jax.evaluation import format_report
+from mfm_jax.train_step import make_update_fn
+
+
+class NonFiniteLossError(RuntimeError):
+  """A loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class _SigtermFlag:
+  """Turns SIGTERM into a flag checked once per step (the step itself is never interrupted)."""
+
+  def __init__(self):
+    self.raised = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not in the main thread (e.g. some test runners)
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None) -> None:
+  bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+  if bad:
+    kept = (f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None
+            else "no checkpoint was written")
+    raise NonFiniteLossError(f"Non-finite values at step {step}: {bad}; training stopped and "
+                             f"{kept}. Lower config.optim.lr or check the data.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir`` and returns the final evaluation report."""
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh(config.mesh.data)
+  parallel.check_batch_size(config.data.batch_size, mesh)
+  is_main = jax.process_index() == 0
+  writer = metric_writers.MetricWriter(workdir, enabled=is_main)
+  if is_main:
+    _write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+
+  host = state_lib.build_host(config)
+  mfm_task = state_lib.build_mfm_task(config)
+  tx = state_lib.build_optimizer(config, host, mfm_task)
+  repl = parallel.replicated(mesh)
+
+  data_iter = pipeline.make_train_iterator(
+      config.data, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 keep=config.keep_checkpoints,
+                                 save_interval_steps=config.checkpoint_every)
+  start = ckpt.latest_step()
+  if start is not None:
+    abstract = state_lib.abstract_train_state(config, host, mfm_task, tx, repl)
+    state, extra = ckpt.restore(abstract, step=start)
+    data_iter.set_state(extra["data"])
+    logging.info("Resumed from %s at step %d.", ckpt.directory, start)
+  else:
+    state = state_lib.create_train_state(config, host, mfm_task, tx, repl)
+    start = 0
+  last_saved = start if start else None
+
+  update = jax.jit(make_update_fn(config, host, mfm_task, tx), donate_argnums=(0,),
+                   in_shardings=(repl, parallel.data_sharded(mesh)),
+                   out_shardings=(repl, repl))
+  predict_fn = inference.make_predict_fn(config, host)
+  schedule = state_lib.optim.lr_schedule(
+      config.optim.lr, config.num_steps, config.optim.warmup_steps, config.optim.warmup_ratio,
+      config.optim.power, config.optim.min_lr)
+
+  def run_eval(step: int) -> dict[str, Any]:
+    t0 = time.time()
+    variables = state_lib.deployed_params(state, config.eval.which)
+    batches = pipeline.make_eval_dataset(config.data, process_index=jax.process_index(),
+                                         process_count=jax.process_count())
+    report = inference.evaluate(config, host, variables, batches, predict_fn)
+    writer.write_scalars(step, {"eval/mIoU": report["mIoU"],
+                                **{f"eval/IoU/{k}": v for k, v in report["per_class"].items()}})
+    logging.info("Evaluation at step %d (%.1fs):\n%s", step, time.time() - t0,
+                 format_report(report))
+    return report
+
+  progress = metric_writers.Progress(config.num_steps, start)
+  report = None
+  t_compile = time.time()
+  with _SigtermFlag() as sigterm:
+    for step in range(start, config.num_steps):
+      batch = parallel.shard_batch(next(data_iter), mesh)
+      state, metrics = update(state, batch)
+      done = step + 1
+      if step == start:
+        jax.block_until_ready(metrics)
+        logging.info("First step (compile + run) took %.1fs.", time.time() - t_compile)
+      log_now = done % config.log_every == 0 or done == config.num_steps or step == start
+      save_now = (done % config.checkpoint_every == 0 or done == config.num_steps
+                  or sigterm.raised)
+      if log_now or save_now:
+        host_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        _check_finite(done, host_metrics, last_saved)
+        if log_now:
+          host_metrics["lr"] = float(schedule(step))
+          writer.write_scalars(done, host_metrics)
+          logging.info("%s | %s", progress.line(done), " ".join(
+              f"{k}={v:.4g}" for k, v in sorted(host_metrics.items())))
+      if done % config.eval_every == 0 and done != config.num_steps:
+        run_eval(done)
+      if save_now:
+        if ckpt.save(done, state, extra={"data": data_iter.get_state()}, force=True):
+          last_saved = done
+      if sigterm.raised:
+        ckpt.wait()
+        writer.close()
+        logging.warning("Stopped by SIGTERM after step %d; checkpoint saved.", done)
+        return {"stopped_at": done}
+  ckpt.wait()
+  report = run_eval(config.num_steps)
+  if is_main:
+    _write_json_atomic(os.path.join(workdir, "eval_results.json"), report)
+    print(format_report(report), flush=True)
+  writer.close()
+  ckpt.close()
+  return report

@@ -1,0 +1,177 @@
+"""The UDA train state and the one pure, jitted update function.
+
+One iteration (uda_reference.md §2.1; the reference back-propagates each term separately and
+accumulates gradients, which equals one ``value_and_grad`` over their sum):
+
+1. EMA teacher update, α_t = min(1 − 1/(t+1), α) (§2.2; t = 0 copies the student).
+2. Source forward + CE; ImageNet feature distance on the source features (λ_FD = 0.005).
+3. Teacher forward on the clean target → pseudo-labels + confidence weight (τ = 0.968).
+4. ClassMix of source/target + colour jitter + blur → weighted CE.
+5. MIC: colour-augmented, block-masked target → weighted CE vs the same pseudo-labels.
+6. MFM (mfm_method.md): target encoder features → latent mask → Rebuilder → decoder → CE.
+7. AdamW step.
+
+Randomness: every stream is ``fold_in(key(seed), step)`` split by name, so no key lives in the
+state and a resumed run replays exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from mfm_jax.host import SegmentationHost
+from mfm_jax.mfm_task import MFMTask
+from mfm_jax.uda import augment, classmix, ema, feature_distance, masking, pseudo_labels
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+_STREAMS = ("src", "mix_select", "mix_aug", "mix_fwd", "mic_aug", "mic_mask", "mic_fwd",
+            "mfm_tgt_enc", "mfm_tgt", "mfm_src")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue; ``None`` fields are unused by the config."""
+
+  step: jax.Array
+  params: Any  # {'model': segmentor params, 'rebuilder': {...}} (rebuilder only with MFM)
+  batch_stats: Any  # student BatchNorm statistics
+  opt_state: Any
+  ema_params: Any  # EMA teacher (segmentor params only)
+  ema_batch_stats: Any  # teacher BN statistics (its own, not averaged: §2.2)
+  imnet_params: Any  # frozen ImageNet encoder copy for the feature distance
+  imnet_batch_stats: Any
+
+
+def needs_teacher(config: ml_collections.ConfigDict) -> bool:
+  return bool(config.uda.enabled) or (
+      bool(config.mfm.enabled) and config.mfm.objective == "feature")
+
+
+def needs_imnet(config: ml_collections.ConfigDict) -> bool:
+  return bool(config.uda.fd.enabled) and config.uda.fd.weight > 0
+
+
+def _vars(params, batch_stats) -> dict[str, Any]:
+  return {"params": params, "batch_stats": batch_stats if batch_stats is not None else {}}
+
+
+def _freeze(model_params, part: str):
+  """Stops gradients into one part of the segmentor (MFM freeze ablation)."""
+  return {k: (jax.lax.stop_gradient(v) if k == part else v) for k, v in model_params.items()}
+
+
+def make_update_fn(config: ml_collections.ConfigDict, host: SegmentationHost,
+                   mfm_task: MFMTask | None, tx: optax.GradientTransformation
+                   ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """Returns the pure ``update_fn(state, batch) -> (state, metrics)`` for ``config``."""
+  uda, mfm_cfg = config.uda, config.mfm
+  use_teacher = needs_teacher(config)
+  use_fd = needs_imnet(config)
+  use_mfm = bool(mfm_cfg.enabled) and mfm_task is not None
+
+  def update_fn(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    keys = dict(zip(_STREAMS, jax.random.split(rng, len(_STREAMS))))
+    src_img, src_lbl = batch["source_image"], batch["source_label"]
+    tgt_img = batch["target_image"]
+    bsz, h, w = src_lbl.shape
+    metrics: Metrics = {}
+
+    # 1 + 3. EMA teacher and pseudo-labels (outside the gradient).
+    ema_params, ema_bs = state.ema_params, state.ema_batch_stats
+    pl = pw = t_feats = None
+    if use_teacher:
+      ema_params = ema.ema_update(ema_params, state.params["model"], state.step, uda.ema_alpha)
+      t_logits, t_feats, ema_bs = host.predict(_vars(ema_params, ema_bs), tgt_img, train=True)
+      pl, pw = pseudo_labels.pseudo_labels(
+          t_logits, (h, w), threshold=uda.pseudo_threshold, valid_mask=batch["target_valid"],
+          ignore_top=uda.pseudo_ignore_top, ignore_bottom=uda.pseudo_ignore_bottom)
+      metrics["ema_alpha"] = ema.ema_alpha(state.step, uda.ema_alpha)
+      metrics["pseudo_weight"] = jnp.mean(pw)
+    imnet_feats = None
+    if use_fd:
+      imnet_feats, _ = host.encode(
+          _vars({"backbone": state.imnet_params}, state.imnet_batch_stats), src_img, train=False)
+      imnet_feats = jax.lax.stop_gradient(host.fd_features(imnet_feats))
+
+    def loss_fn(params):
+      terms: dict[str, jax.Array] = {}
+      bs = state.batch_stats
+      # 2. Source CE (+ ImageNet feature distance).
+      terms["src_ce"], src_feats, bs = host.forward_loss(
+          _vars(params["model"], bs), src_img, src_lbl, rng=keys["src"])
+      if use_fd:
+        terms["fd"] = uda.fd.weight * feature_distance.feature_distance(
+            host.fd_features(src_feats), imnet_feats, src_lbl, classes=tuple(uda.fd.classes),
+            scale_min_ratio=uda.fd.scale_min_ratio)
+      if uda.enabled:
+        # 4. ClassMix + strong augmentation, weighted CE on the mixed batch.
+        if uda.mix == "class":
+          m = classmix.class_mix_masks(keys["mix_select"], src_lbl)
+          mix_img = classmix.mix(m, src_img, tgt_img)
+          mix_lbl = jnp.where(m > 0, src_lbl, pl)
+          mix_w = classmix.mix(m, jnp.ones_like(pw), pw)
+        else:
+          mix_img, mix_lbl, mix_w = tgt_img, pl, pw
+        mix_img = augment.strong_transform(
+            keys["mix_aug"], mix_img, color_jitter_probability=uda.color_jitter_probability,
+            color_jitter_strength=uda.color_jitter_strength, blur=uda.blur, per_sample=True)
+        terms["mix_ce"], _, bs = host.forward_loss(
+            _vars(params["model"], bs), mix_img, mix_lbl, mix_w, rng=keys["mix_fwd"])
+        # 5. MIC masked image consistency.
+        if uda.mic.enabled:
+          mic_img = tgt_img
+          if uda.mic.color_aug:
+            mic_img = augment.strong_transform(
+                keys["mic_aug"], mic_img, color_jitter_probability=uda.color_jitter_probability,
+                color_jitter_strength=uda.color_jitter_strength, blur=uda.blur, per_sample=False)
+          bm = masking.block_mask(keys["mic_mask"], bsz, h, w, uda.mic.block_size, uda.mic.ratio)
+          mic_loss, _, bs = host.forward_loss(
+              _vars(params["model"], bs), mic_img * bm.astype(mic_img.dtype), pl, pw,
+              rng=keys["mic_fwd"])
+          terms["mic_ce"] = uda.mic.weight * mic_loss
+      # 6. Masked Feature Modeling.
+      if use_mfm:
+        model_p = params["model"]
+        if mfm_cfg.freeze == "decoder":
+          model_p = _freeze(model_p, "decode_head")
+        rb = params.get("rebuilder")
+        if mfm_cfg.domain in ("target", "both"):
+          feats, bs = host.encode(_vars(params["model"], bs), tgt_img, train=True,
+                                  rng=keys["mfm_tgt_enc"])
+          if mfm_cfg.freeze == "encoder":
+            feats = jax.lax.stop_gradient(feats)
+          loss, bs = mfm_task.loss(rb, host, _vars(model_p, bs), feats, rng=keys["mfm_tgt"],
+                                   labels=pl, weights=pw, teacher_features=t_feats,
+                                   images=tgt_img)
+          terms["mfm_target"] = mfm_cfg.weight * loss
+        if mfm_cfg.domain in ("source", "both"):
+          feats = src_feats
+          if mfm_cfg.freeze == "encoder":
+            feats = jax.lax.stop_gradient(feats)
+          loss, bs = mfm_task.loss(rb, host, _vars(model_p, bs), feats, rng=keys["mfm_src"],
+                                   labels=src_lbl, weights=None, teacher_features=None,
+                                   images=src_img)
+          terms["mfm_source"] = mfm_cfg.weight * loss
+      total = sum(terms.values())
+      return total, (terms, bs)
+
+    (total, (terms, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics.update({f"loss/{k}": v for k, v in terms.items()})
+    metrics["loss/total"] = total
+    metrics["grad_norm"] = optax.global_norm(grads)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
+                              opt_state=opt_state, ema_params=ema_params, ema_batch_stats=ema_bs)
+    return new_state, metrics
+
+  return update_fn
