@@ -1,0 +1,10 @@
+r"""MIC(DAFormer) on GTA→Cityscapes, MiT-B5 + DAFormer head, 512 crops.
+
+Presets (--config=configs/mic.py:synthetic,steps=200): see config_lib.experiment.
+"""
+
+from mfm_jax import config_lib
+
+
+def get_config(arg=None):
+  return config_lib.experiment("mic", False, arg)

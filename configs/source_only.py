@@ -1,0 +1,10 @@
+r"""Source-only on GTA→Cityscapes, MiT-B5 + DAFormer head, 512 crops.
+
+Presets (--config=configs/source_only.py:synthetic,steps=200): see config_lib.experiment.
+"""
+
+from mfm_jax import config_lib
+
+
+def get_config(arg=None):
+  return config_lib.experiment("source_only", False, arg)
