@@ -79,14 +79,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_main:
     _write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
 
+  # Data first: a missing dataset fails in seconds, before any model is built.
+  data_iter = pipeline.make_train_iterator(
+      config.data, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
   host = state_lib.build_host(config)
   mfm_task = state_lib.build_mfm_task(config)
   tx = state_lib.build_optimizer(config, host, mfm_task)
   repl = parallel.replicated(mesh)
-
-  data_iter = pipeline.make_train_iterator(
-      config.data, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count())
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  keep=config.keep_checkpoints,
                                  save_interval_steps=config.checkpoint_every)

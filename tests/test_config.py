@@ -1,0 +1,91 @@
+"""Config presets build and validate; bad values and unknown keys are rejected clearly."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from ml_collections import config_flags  # noqa: F401  (imported for its side effects in main)
+
+from mfm_jax import config_lib
+from mfm_jax import state as state_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FULL_SIZE = ("mic_mfm.py", "dacs_mfm_dlv2.py", "source_only.py")
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+def _load(path, arg):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("cfg", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
+@pytest.mark.parametrize("arg", ["", "synthetic", "synthia", "synthetic,oracle", "bf16,steps=10"])
+def test_every_preset_builds(path, arg):
+  c = _load(path, arg)
+  config_lib.validate(c)
+  name = os.path.basename(path)
+  # Abstract init of the full-size networks is slowish: do it for one config per architecture.
+  if arg not in ("synthetic", "") or (arg == "" and name not in FULL_SIZE):
+    return
+  host = state_lib.build_host(c)
+  task = state_lib.build_mfm_task(c)
+  # Abstract initialisation: builds every module of the network without allocating it.
+  tx = state_lib.build_optimizer(c, host, task)
+  abstract = state_lib.abstract_train_state(c, host, task, tx)
+  assert abstract.step.shape == ()
+  assert ("rebuilder" in abstract.params) == bool(c.mfm.enabled and c.mfm.rebuild)
+
+
+def test_parse_arg():
+  p = config_lib.parse_arg("synthetic,steps=20,mfm=False", **config_lib.PRESETS)
+  assert p.synthetic is True and p.steps == 20 and p.mfm is False
+  with pytest.raises(ValueError, match="Unknown config preset 'nope'"):
+    config_lib.parse_arg("nope", **config_lib.PRESETS)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("mfm.mask_ratio", 1.5, "mfm.mask_ratio"),
+    ("mfm.objective", "mae", "mfm.objective"),
+    ("data.batch_size", 0, "data.batch_size"),
+    ("data.crop_size", (512,), "data.crop_size"),
+    ("optim.lr", -1.0, "optim.lr"),
+])
+def test_validate_names_the_key(key, value, match):
+  c = config_lib.experiment("mic", True, "synthetic")
+  node = c
+  *parents, leaf = key.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(c)
+
+
+def _main(*args, timeout=120):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "mfm_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_main_rejects_unknown_key_and_bad_value(tmp_path):
+  r = _main("--config=configs/mic_mfm.py:synthetic", "--config.mfm.not_a_key=1",
+            f"--workdir={tmp_path}")
+  assert r.returncode != 0 and "not_a_key" in r.stderr
+  r = _main("--config=configs/mic_mfm.py:synthetic", "--config.mfm.mask_ratio=1.5",
+            f"--workdir={tmp_path}")
+  assert r.returncode != 0 and "config.mfm.mask_ratio=1.5" in r.stderr
+
+
+def test_main_without_dataset_says_how_to_prepare(tmp_path):
+  r = _main("--config=configs/mic_mfm.py", f"--config.data.data_dir={tmp_path / 'nodata'}",
+            f"--workdir={tmp_path / 'w'}")
+  assert r.returncode != 0
+  assert "mfm_jax.data.prepare" in r.stderr, r.stderr[-2000:]
+  assert jax.device_count() >= 1
