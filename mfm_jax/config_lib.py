@@ -304,3 +304,42 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key, (lr_mult, decay_mult) in dict(c.optim.custom_keys).items():
     if lr_mult < 0 or decay_mult < 0:
       raise ConfigError(f"config.optim.custom_keys[{key!r}] multipliers must be >= 0.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiments (each configs/*.py file is one call of this)
+
+PRESETS = dict(synthetic=False, synthia=False, oracle=False, steps=0, mfm=None, bf16=False)
+
+
+def experiment(method: str, mfm: bool, arg: str | None, *, backbone: str = "mit_b5",
+               head: str = "daformer_sepaspp") -> ml_collections.ConfigDict:
+  """Builds a full experiment config; ``arg`` selects presets (see ``PRESETS``).
+
+  Presets: ``synthetic`` (embedded CPU benchmark), ``synthia`` (SYNTHIA→Cityscapes),
+  ``oracle`` (supervised on target labels: the upper bound of the synthetic calibration),
+  ``steps=N``, ``mfm=True|False`` (override), ``bf16`` (bfloat16 compute).
+  """
+  p = parse_arg(arg, **PRESETS)
+  c = base_config()
+  c.model.backbone, c.model.head = backbone, head
+  if head.startswith("dlv"):
+    c.mfm.grid_size = 16
+  set_method(c, method, mfm if p.mfm is None else p.mfm)
+  if p.synthia:
+    c.data.source = "synthia"
+    c.data.source_scale = (1280, 760)  # §3.2
+  if p.synthetic:
+    set_synthetic(c)
+  if p.oracle:
+    # Train on the target's own labels (no adaptation): the target-oracle reference.
+    c.data.source = c.data.target
+    c.data.rcs.enabled = False
+    set_method(c, "source_only", False)
+  if p.steps:
+    c.num_steps = int(p.steps)
+    c.eval_every = min(c.eval_every, c.num_steps)
+    c.checkpoint_every = min(c.checkpoint_every, c.num_steps)
+  if p.bf16:
+    c.model.compute_dtype = "bfloat16"
+  return c
