@@ -1,0 +1,150 @@
+"""Encoder-decoder segmentor and the builders that turn a model config into modules.
+
+``EncoderDecoder`` is the deployable network (param tree ``{'backbone', 'decode_head'}``,
+docs/architecture.md "Model contract"). The MFM ``Rebuilder`` is built separately by
+``build_rebuilder`` so that the deployed segmentor is exactly the host model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mfm_jax.models import daformer_head
+from mfm_jax.models import mit
+from mfm_jax.models import rebuilder as rebuilder_lib
+
+BACKBONES = tuple(mit.MIT_VARIANTS) + (
+    "resnet50_v1c", "resnet101_v1c", "resnet50", "resnet101")
+HEADS = ("daformer_sepaspp", "daformer_aspp", "daformer_conv1", "dlv2", "dlv2red", "dlv3p")
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# ResNet name → (depth, deep_stem, dilated). '_v1c' = mmseg ResNetV1c with deep stem and
+# dilation (os 8, uda_reference.md §1.3); plain names = torchvision-style stem, os 32.
+_RESNETS = {
+    "resnet50_v1c": (50, True, True), "resnet101_v1c": (101, True, True),
+    "resnet50": (50, False, False), "resnet101": (101, False, False),
+}
+_RESNET_CHANNELS = (256, 512, 1024, 2048)  # Bottleneck expansion 4
+
+
+class EncoderDecoder(nn.Module):
+  """Backbone → decode head. ``train`` drives BN; ``deterministic`` (default ``not train``)
+  drives Dropout/DropPath."""
+  backbone: nn.Module
+  decode_head: nn.Module
+
+  def __call__(self, x: jax.Array, *, train: bool,
+               deterministic: bool | None = None) -> jax.Array:
+    """Image ``[B,H,W,3]`` → logits (``[B,H/4,W/4,K]`` for DAFormer)."""
+    features = self.encode(x, train=train, deterministic=deterministic)
+    return self.decode(features, train=train, deterministic=deterministic)
+
+  def encode(self, x: jax.Array, *, train: bool,
+             deterministic: bool | None = None) -> list[jax.Array]:
+    """Image → list of 4 multi-scale NHWC feature maps."""
+    return list(self.backbone(x, train=train, deterministic=deterministic))
+
+  def decode(self, features: Sequence[jax.Array], *, train: bool,
+             deterministic: bool | None = None) -> jax.Array:
+    """Feature list → logits."""
+    return self.decode_head(list(features), train=train, deterministic=deterministic)
+
+
+def _get(cfg: Any, key: str, default: Any = None, required: bool = False) -> Any:
+  value = getattr(cfg, key, None)
+  if value is None:
+    if required:
+      raise ValueError(f"segmentor.py: model config is missing the required key {key!r}.")
+    return default
+  return value
+
+
+def parse_compute_dtype(name: str) -> Any:
+  """'float32' | 'bfloat16' → jnp dtype."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"segmentor.py: unknown compute_dtype {name!r}; choose one of "
+                     f"{list(COMPUTE_DTYPES)}.")
+  return COMPUTE_DTYPES[name]
+
+
+def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
+  if value not in choices:
+    raise ValueError(f"segmentor.py: unknown model.{key} {value!r}; choose one of "
+                     f"{list(choices)}.")
+
+
+def feature_channels(model_cfg: Any) -> tuple[int, ...]:
+  """Channels of the 4 encoder levels for ``model_cfg.backbone`` (no params are built)."""
+  name = _get(model_cfg, "backbone", required=True)
+  _check_choice("backbone", name, BACKBONES)
+  if name in mit.MIT_VARIANTS:
+    return tuple(mit.MIT_VARIANTS[name]["embed_dims"])
+  return _RESNET_CHANNELS
+
+
+def build_backbone(model_cfg: Any) -> nn.Module:
+  """The encoder named by ``model_cfg.backbone``."""
+  name = _get(model_cfg, "backbone", required=True)
+  _check_choice("backbone", name, BACKBONES)
+  dtype = parse_compute_dtype(_get(model_cfg, "compute_dtype", "float32"))
+  if name in mit.MIT_VARIANTS:
+    return mit.mit(name, drop_path_rate=float(_get(model_cfg, "drop_path_rate", 0.1)),
+                   dtype=dtype, remat=bool(_get(model_cfg, "remat", False)))
+  from mfm_jax.models import resnet  # pylint: disable=g-import-not-at-top (written concurrently)
+  depth, deep_stem, dilated = _RESNETS[name]
+  return resnet.ResNetV1c(depth=depth, deep_stem=deep_stem, dilated=dilated, dtype=dtype)
+
+
+def build_head(model_cfg: Any, num_classes: int | None = None) -> nn.Module:
+  """The decode head named by ``model_cfg.head`` (``num_classes`` overrides the config)."""
+  name = _get(model_cfg, "head", required=True)
+  _check_choice("head", name, HEADS)
+  dtype = parse_compute_dtype(_get(model_cfg, "compute_dtype", "float32"))
+  k = int(num_classes if num_classes is not None else _get(model_cfg, "num_classes", 19))
+  dropout = float(_get(model_cfg, "head_dropout", 0.1))
+  if name.startswith("daformer_"):
+    return daformer_head.DAFormerHead(
+        num_classes=k, embed_dim=int(_get(model_cfg, "head_embed_dim", 256)),
+        fusion=name[len("daformer_"):], dropout=dropout, dtype=dtype)
+  from mfm_jax.models import deeplab  # pylint: disable=g-import-not-at-top (written concurrently)
+  if name == "dlv3p":
+    return deeplab.DeepLabV3PlusHead(num_classes=k, dtype=dtype, dropout=dropout)
+  # 'dlv2red' (what DAFormer/HRDA/MIC run) keeps only dilations (6, 12) (§1.3).
+  dilations = (6, 12) if name == "dlv2red" else (6, 12, 18, 24)
+  return deeplab.DLV2Head(num_classes=k, dilations=dilations, dtype=dtype)
+
+
+def build_segmentor(model_cfg: Any) -> EncoderDecoder:
+  """``EncoderDecoder`` from a model config (ConfigDict or any attribute object).
+
+  Keys: backbone, head (required); num_classes (19), head_embed_dim (256), head_dropout (0.1),
+  drop_path_rate (0.1), remat (False), compute_dtype ('float32').
+  """
+  return EncoderDecoder(backbone=build_backbone(model_cfg), decode_head=build_head(model_cfg))
+
+
+def build_rebuilder(mfm_cfg: Any, feature_channels: int, compute_dtype: str = "float32",
+                    pixel_dim: int = 0) -> rebuilder_lib.Rebuilder:
+  """MFM ``Rebuilder`` for features with ``feature_channels`` channels.
+
+  ``mfm_cfg`` keys: embed_dim (512), grid_size (16), depth (2), num_heads (8), mlp_ratio (4.0).
+  """
+  return rebuilder_lib.Rebuilder(
+      out_channels=int(feature_channels),
+      embed_dim=int(_get(mfm_cfg, "embed_dim", 512)),
+      grid_size=int(_get(mfm_cfg, "grid_size", 16)),
+      depth=int(_get(mfm_cfg, "depth", 2)),
+      num_heads=int(_get(mfm_cfg, "num_heads", 8)),
+      mlp_ratio=float(_get(mfm_cfg, "mlp_ratio", 4.0)),
+      pixel_dim=int(pixel_dim),
+      dtype=parse_compute_dtype(compute_dtype))
+
+
+def count_params(tree: Any) -> int:
+  """Number of scalars in a pytree of arrays or ``jax.ShapeDtypeStruct``s."""
+  return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))

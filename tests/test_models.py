@@ -1,0 +1,339 @@
+"""Tests for the MiT encoder, the DAFormer head, the MFM Rebuilder and the segmentor builders.
+
+Large variants are only traced with ``jax.eval_shape`` (no B5 compute on CPU); forward tests use
+``mit_tiny`` at 64x64.
+"""
+
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from mfm_jax.models import daformer_head
+from mfm_jax.models import mit
+from mfm_jax.models import rebuilder
+from mfm_jax.models import segmentor
+
+_STATEDICTS = os.environ.get("MFM_JAX_STATEDICTS", "/work/shared/reference/statedicts")
+_X = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
+
+
+def _cfg(**kw):
+  base = dict(backbone="mit_tiny", head="daformer_sepaspp", num_classes=19, head_embed_dim=32,
+              head_dropout=0.1, drop_path_rate=0.1, remat=False, compute_dtype="float32")
+  base.update(kw)
+  return ml_collections.ConfigDict(base)
+
+
+def _abstract_init(model, shape=(1, 64, 64, 3)):
+  return jax.eval_shape(lambda: model.init({"params": jax.random.key(0)},
+                                           jnp.zeros(shape), train=False))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """mit_tiny + sepaspp head (embed 32), initialised once."""
+  model = segmentor.build_segmentor(_cfg())
+  variables = jax.jit(lambda: model.init(jax.random.key(0), _X, train=False))()
+  return model, variables
+
+
+# ---------------------------------------------------------------- parameter counts (eval_shape)
+
+# uda_reference.md §1.1 table (executed PyTorch counts, backbone only).
+@pytest.mark.parametrize("variant,expected", [
+    ("mit_b0", 3_319_392), ("mit_b1", 13_151_424), ("mit_b2", 24_196_288),
+    ("mit_b3", 44_072_128), ("mit_b4", 60_842_688)])
+def test_mit_variant_param_counts(variant, expected):
+  assert segmentor.count_params(_abstract_init(mit.mit(variant))["params"]) == expected
+
+
+@pytest.fixture(scope="module")
+def daformer_b5_abstract():
+  return _abstract_init(segmentor.build_segmentor(_cfg(backbone="mit_b5", head_embed_dim=256)))
+
+
+def test_daformer_mitb5_param_counts(daformer_b5_abstract):
+  params = daformer_b5_abstract["params"]
+  assert set(params) == {"backbone", "decode_head"}
+  assert segmentor.count_params(params["backbone"]) == 81_443_008
+  assert segmentor.count_params(params["decode_head"]) == 3_712_275
+  # 85,155,283 = trainable parameters only: the tsv sums to 85,163,995 with BN buffers; the
+  # 8,712 extra are running_mean/var (8,704) + 8 scalar num_batches_tracked.
+  assert segmentor.count_params(params) == 85_155_283
+  assert segmentor.count_params(daformer_b5_abstract["batch_stats"]) == 8_704
+
+
+def _torch_to_flax(name, shape):
+  """Maps a reference state_dict entry to (flax path, flax shape); None for skipped buffers."""
+  parts = []
+  for p in name.split("."):
+    if p.isdigit():  # block1.0 → block1_0, embed_layers.0 → embed_layers_0
+      parts[-1] = f"{parts[-1]}_{p}"
+    else:
+      parts.append(p)
+  if parts[-3:-1] == ["dwconv", "dwconv"]:  # mlp.dwconv.dwconv → mlp/dwconv
+    del parts[-2]
+  leaf, path = parts[-1], parts[:-1]
+  if leaf == "num_batches_tracked":
+    return None
+  if leaf in ("running_mean", "running_var"):
+    return "/".join(["batch_stats"] + path + [leaf[len("running_"):]]), tuple(shape)
+  if leaf == "weight" and len(shape) == 1:  # LayerNorm / BN
+    leaf = "scale"
+  elif leaf == "weight":
+    leaf = "kernel"
+    # Linear [out, in] → [in, out]; conv OIHW → HWIO.
+    shape = shape[::-1] if len(shape) == 2 else [shape[2], shape[3], shape[1], shape[0]]
+  return "/".join(["params"] + path + [leaf]), tuple(shape)
+
+
+def test_names_and_shapes_mirror_reference_statedict(daformer_b5_abstract):
+  path = os.path.join(_STATEDICTS, "statedict_daformer_mitb5.tsv")
+  if not os.path.exists(path):
+    pytest.skip(f"reference state_dict listing not found at {path}")
+  expected = {}
+  for line in open(path):
+    name, shape, _ = line.rstrip("\n").split("\t")
+    mapped = _torch_to_flax(name, [int(s) for s in shape.strip("[]").split(",") if s.strip()])
+    if mapped:
+      expected[mapped[0]] = mapped[1]
+  flat = traverse_util.flatten_dict(daformer_b5_abstract, sep="/")
+  got = {k: tuple(v.shape) for k, v in flat.items()}
+  assert got == expected
+
+
+# ---------------------------------------------------------------- forward shapes, flags
+
+def _forward(module, x, *, train, deterministic):
+  feats = module.encode(x, train=train, deterministic=deterministic)
+  return feats, module.decode(feats, train=train, deterministic=deterministic)
+
+
+@pytest.fixture(scope="module")
+def run(tiny):
+  """Jitted tiny forward → (features, logits, batch_stats after the call); one compile per mode."""
+  model, _ = tiny
+
+  @jax.jit(static_argnames=("train", "deterministic"))
+  def fn(variables, x, key, *, train, deterministic):
+    (feats, logits), updates = model.apply(
+        variables, x, train=train, deterministic=deterministic, rngs={"dropout": key},
+        mutable=["batch_stats"], method=_forward)
+    return feats, logits, updates["batch_stats"]
+
+  return fn
+
+
+def test_tiny_forward_shapes(tiny, run):
+  _, variables = tiny
+  assert set(variables["params"]) == {"backbone", "decode_head"}
+  feats, logits, _ = run(variables, _X, jax.random.key(0), train=False, deterministic=None)
+  assert [f.shape for f in feats] == [(2, 16, 16, 16), (2, 8, 8, 32), (2, 4, 4, 64),
+                                      (2, 2, 2, 128)]
+  assert segmentor.feature_channels(_cfg()) == (16, 32, 64, 128)
+  assert logits.shape == (2, 16, 16, 19) and logits.dtype == jnp.float32
+
+
+def test_exact_gelu_and_layernorm_eps():
+  model = mit.mit("mit_tiny")
+  variables = _abstract_init(model)
+  jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, _X, train=False))(variables))
+  assert "erf" in jaxpr and "tanh" not in jaxpr
+  eps = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.LayerNorm):
+      eps["/".join(context.module.path)] = context.module.epsilon
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda v: model.apply(v, _X, train=False), variables)
+  expected = {}
+  for s in range(1, 5):
+    expected[f"patch_embed{s}/norm"] = 1e-5
+    expected[f"block{s}_0/norm1"] = expected[f"block{s}_0/norm2"] = 1e-6
+    expected[f"norm{s}"] = 1e-6
+    if s < 4:  # stage 4 has sr_ratio 1: no attn.sr / attn.norm
+      expected[f"block{s}_0/attn/norm"] = 1e-5
+  assert eps == expected
+
+
+def test_dropout_droppath_follow_deterministic(tiny, run):
+  _, v = tiny
+  k1, k2 = jax.random.key(1), jax.random.key(2)
+  # Teacher mode (train=True, deterministic=True): no Dropout2d / DropPath.
+  f1, l1, _ = run(v, _X, k1, train=True, deterministic=True)
+  f2, l2, _ = run(v, _X, k2, train=True, deterministic=True)
+  np.testing.assert_array_equal(l1, l2)
+  # Student mode: deterministic defaults to not train → both the backbone (DropPath only)
+  # and the head (DropPath + Dropout2d) are stochastic.
+  f1, l1, _ = run(v, _X, k1, train=True, deterministic=None)
+  f2, l2, _ = run(v, _X, k2, train=True, deterministic=None)
+  assert not np.allclose(f1[-1], f2[-1])
+  assert not np.allclose(l1, l2)
+
+
+def test_batch_stats_update_only_in_train_mode(tiny, run):
+  _, v = tiny
+  differs = lambda new: jax.tree.leaves(jax.tree.map(
+      lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), v["batch_stats"], new))
+  _, _, new = run(v, _X, jax.random.key(0), train=True, deterministic=True)
+  assert all(differs(new))
+  _, _, new = run(v, _X, jax.random.key(0), train=False, deterministic=None)
+  assert not any(differs(new))
+
+
+def test_remat_same_tree_and_gradients():
+  assert (jax.tree.structure(_abstract_init(mit.mit("mit_tiny", remat=True)))
+          == jax.tree.structure(_abstract_init(mit.mit("mit_tiny"))))
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 4, 4, 16)), jnp.float32)
+  blocks = [cls(16, 2, 4, 2, 0.0) for cls in (mit.Block, nn.remat(mit.Block, static_argnums=(2,)))]
+  params = jax.jit(lambda: blocks[0].init(jax.random.key(0), x, True))()
+  grads = [jax.jit(jax.grad(lambda p, b=b: jnp.sum(b.apply(p, x, True) ** 2)))(params)
+           for b in blocks]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = segmentor.build_segmentor(_cfg(compute_dtype="bfloat16"))
+  out, variables = jax.eval_shape(
+      lambda: model.init_with_output(jax.random.key(0), _X, train=False))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+  assert out.dtype == jnp.float32 and out.shape == (2, 16, 16, 19)
+
+
+# ---------------------------------------------------------------- numerics vs numpy
+
+def _np_layernorm(x, eps):
+  mu = x.mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
+
+
+def test_efficient_attention_matches_numpy():
+  c, heads, sr = 8, 2, 2
+  module = mit.EfficientSelfAttention(c, heads, sr)
+  x = np.random.default_rng(1).normal(size=(1, 4, 4, c)).astype(np.float32)
+  variables = module.init(jax.random.key(3), x)
+  p = jax.tree.map(np.asarray, variables["params"])
+  got = np.asarray(module.apply(variables, x))[0].reshape(16, c)
+  tokens = x[0].reshape(16, c)
+  q = tokens @ p["q"]["kernel"] + p["q"]["bias"]
+  red = np.zeros((2, 2, c), np.float32)  # sr conv: kernel = stride = 2, valid
+  for i in range(2):
+    for j in range(2):
+      patch = x[0, 2 * i:2 * i + 2, 2 * j:2 * j + 2]
+      red[i, j] = np.einsum("abi,abio->o", patch, p["sr"]["kernel"]) + p["sr"]["bias"]
+  red = _np_layernorm(red.reshape(4, c), 1e-5) * p["norm"]["scale"] + p["norm"]["bias"]
+  kv = red @ p["kv"]["kernel"] + p["kv"]["bias"]
+  hd = c // heads
+  out = []
+  for h in range(heads):  # torch layout: kv channels = [k (heads × hd) | v (heads × hd)]
+    k, v = kv[:, h * hd:(h + 1) * hd], kv[:, c + h * hd:c + (h + 1) * hd]
+    logits = q[:, h * hd:(h + 1) * hd] @ k.T * hd ** -0.5
+    a = np.exp(logits - logits.max(-1, keepdims=True))
+    out.append((a / a.sum(-1, keepdims=True)) @ v)
+  want = np.concatenate(out, -1) @ p["proj"]["kernel"] + p["proj"]["bias"]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_mix_ffn_matches_numpy_with_erf_gelu():
+  c, hidden = 4, 8
+  module = mit.MixFFN(c, hidden)
+  x = np.random.default_rng(2).normal(size=(1, 3, 3, c)).astype(np.float32)
+  variables = module.init(jax.random.key(4), x)
+  p = jax.tree.map(np.asarray, variables["params"])
+  y = x[0] @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+  pad = np.pad(y, ((1, 1), (1, 1), (0, 0)))
+  dw = np.zeros_like(y)
+  for i in range(3):
+    for j in range(3):
+      dw[i, j] = (pad[i:i + 3, j:j + 3] * p["dwconv"]["kernel"][:, :, 0]).sum((0, 1))
+  dw += p["dwconv"]["bias"]
+  gelu = dw * 0.5 * (1 + np.vectorize(math.erf)(dw / math.sqrt(2)))
+  want = gelu @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+  np.testing.assert_allclose(np.asarray(module.apply(variables, x))[0], want, rtol=1e-4,
+                             atol=1e-5)
+
+
+# ---------------------------------------------------------------- Rebuilder
+
+@pytest.mark.parametrize("h,w,kernel", [(8, 8, (1, 1)), (32, 32, (4, 4)), (20, 24, (2, 3)),
+                                        (4, 6, (1, 1))])
+def test_rebuilder_shapes(h, w, kernel):
+  g = 8
+  module = rebuilder.Rebuilder(out_channels=12, embed_dim=16, grid_size=g, depth=1, num_heads=2)
+  feat = jnp.zeros((2, h, w, 12))
+  mask = jnp.zeros((2, g, g), bool)
+  out, variables = jax.eval_shape(lambda: module.init_with_output(jax.random.key(0), feat, mask))
+  assert out.shape == (2, h, w, 12)
+  assert variables["params"]["projector"]["kernel"].shape == (*kernel, 16, 12)
+  assert variables["params"]["pos_embed"].shape == (g * g, 16)
+
+
+def test_rebuilder_mask_token_and_pixel_head():
+  g = 4
+  module = rebuilder.Rebuilder(out_channels=8, embed_dim=16, grid_size=g, depth=2, num_heads=4,
+                               pixel_dim=48)
+  feat = jnp.asarray(np.random.default_rng(5).normal(size=(1, 8, 8, 8)), jnp.float32)
+  none = jnp.zeros((1, g, g), bool)
+  variables = module.init(jax.random.key(0), feat, none)
+  offset, pixels = module.apply(variables, feat, none)
+  assert offset.shape == (1, 8, 8, 8) and pixels.shape == (1, g, g, 48)
+  # With every cell masked, the tokens no longer depend on the feature at all.
+  full = jnp.ones((1, g, g), bool)
+  a, _ = module.apply(variables, feat, full)
+  b, _ = module.apply(variables, feat * 3.0 + 1.0, full)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(a, offset)
+  with pytest.raises(ValueError, match="cell_mask"):
+    module.apply(variables, feat, jnp.zeros((1, g + 1, g + 1), bool))
+
+
+def test_build_rebuilder_from_config():
+  mfm = ml_collections.ConfigDict(dict(embed_dim=32, grid_size=4, depth=1, num_heads=4,
+                                       mlp_ratio=2.0))
+  module = segmentor.build_rebuilder(mfm, 128, compute_dtype="bfloat16")
+  assert (module.out_channels, module.embed_dim, module.grid_size, module.depth,
+          module.num_heads, module.mlp_ratio, module.dtype) == (128, 32, 4, 1, 4, 2.0,
+                                                                jnp.bfloat16)
+
+
+# ---------------------------------------------------------------- builders
+
+def test_builder_errors_name_key_and_choices():
+  with pytest.raises(ValueError, match=r"model\.backbone 'mit_b9'.*mit_b5"):
+    segmentor.build_segmentor(_cfg(backbone="mit_b9"))
+  with pytest.raises(ValueError, match=r"model\.head 'segformer'.*daformer_sepaspp"):
+    segmentor.build_segmentor(_cfg(head="segformer"))
+  with pytest.raises(ValueError, match="compute_dtype 'float16'"):
+    segmentor.build_segmentor(_cfg(compute_dtype="float16"))
+  with pytest.raises(ValueError, match="fusion 'x'"):
+    daformer_head.DAFormerHead(19, fusion="x").init(
+        jax.random.key(0), [jnp.zeros((1, 2, 2, 4))] * 4, train=False)
+  assert segmentor.feature_channels(_cfg(backbone="resnet101_v1c")) == (256, 512, 1024, 2048)
+
+
+def test_conv1_head_matches_hrda_scale_attention_count():
+  # HRDA's scale-attention head = DAFormer head with 1x1 fusion: 530,707 params (§1.4).
+  head = daformer_head.DAFormerHead(19, fusion="conv1")
+  feats = [jnp.zeros((1, 16 // 2 ** i, 16 // 2 ** i, c)) for i, c in enumerate((64, 128, 320, 512))]
+  variables = jax.eval_shape(lambda: head.init(jax.random.key(0), feats, train=False))
+  assert segmentor.count_params(variables["params"]) == 530_707
+  assert set(variables["params"]["fuse_layer"]) == {"conv", "bn"}
+
+
+def test_dlv2red_resnet101_v1c_count():
+  """Cross-check with the concurrently written ResNet/DeepLab modules (§1.3: 43,219,846)."""
+  pytest.importorskip("mfm_jax.models.resnet")
+  pytest.importorskip("mfm_jax.models.deeplab")
+  model = segmentor.build_segmentor(_cfg(backbone="resnet101_v1c", head="dlv2red"))
+  variables = _abstract_init(model)
+  assert segmentor.count_params(variables["params"]) == 43_219_846
+  assert segmentor.count_params(variables["params"]["decode_head"]) == 700_454
