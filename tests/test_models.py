@@ -329,6 +329,33 @@ def test_conv1_head_matches_hrda_scale_attention_count():
   assert set(variables["params"]["fuse_layer"]) == {"conv", "bn"}
 
 
+def test_head_concat_order_is_level_0_to_3():
+  # §1.2: the fused map is [emb(f1) | up(emb(f2)) | up(emb(f3)) | up(emb(f4))] (stride 4 first).
+  head = daformer_head.DAFormerHead(5, embed_dim=4, fusion="conv1")
+  rng = np.random.default_rng(6)
+  feats = [jnp.asarray(rng.normal(size=(1, 8 // 2 ** i, 8 // 2 ** i, c)), jnp.float32)
+           for i, c in enumerate((2, 3, 5, 6))]
+  variables = head.init(jax.random.key(0), feats, train=False)
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    name = context.module.name
+    if isinstance(context.module, daformer_head.MLPEmbed):
+      seen[name] = out
+    elif name == "fuse_layer" and context.method_name == "__call__":
+      seen[name] = args[0]
+    return out
+
+  with nn.intercept_methods(record):
+    head.apply(variables, feats, train=False)
+  fused = np.asarray(seen["fuse_layer"])
+  assert fused.shape == (1, 8, 8, 16)
+  for i in range(4):
+    want = jax.image.resize(seen[f"embed_layers_{i}"], (1, 8, 8, 4), "bilinear", antialias=False)
+    np.testing.assert_allclose(fused[..., 4 * i:4 * i + 4], want, rtol=1e-5, atol=1e-6)
+
+
 def test_dlv2red_resnet101_v1c_count():
   """Cross-check with the concurrently written ResNet/DeepLab modules (§1.3: 43,219,846)."""
   pytest.importorskip("mfm_jax.models.resnet")
