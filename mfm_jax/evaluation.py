@@ -1,0 +1,244 @@
+"""Model-agnostic semantic-segmentation evaluation: confusion matrices, mIoU tables, inference.
+
+Metric as mmseg ``eval_metrics`` (uda_reference.md §4): intersection and union per class are
+accumulated over the whole validation set (255 = ignore), IoU_c = I_c / U_c, mIoU = nanmean
+over the 19 classes. Synthia→Cityscapes is also reported on the 16- and 13-class protocols.
+
+Inference follows mmseg's ``EncoderDecoder``: ``whole`` resizes the logits to the input size
+and then to the label size (bilinear, align_corners=False) before the argmax (DAFormer);
+``slide`` runs overlapping windows (HRDA/MIC: crop 1024, stride 512 on 2048×1024), resizes each
+window's logits to the window and averages them with a count map.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mfm_jax.data.labels import CLASSES, NUM_CLASSES, SYNTHIA13_CLASSES, SYNTHIA16_CLASSES
+from mfm_jax.ops import IGNORE_INDEX, resize_bilinear
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+
+
+def confusion_matrix(pred: jax.Array, label: jax.Array,
+                     num_classes: int = NUM_CLASSES) -> jax.Array:
+  """``int32 [K, K]`` counts, rows = ground truth, columns = prediction (jittable).
+
+  Pixels whose label is 255 (or otherwise outside ``[0, K)``) are not counted, like mmseg.
+  """
+  if pred.shape != label.shape:
+    raise ValueError(f"confusion_matrix: pred shape {pred.shape} != label shape {label.shape}")
+  k = num_classes
+  pred = jnp.asarray(pred).astype(jnp.int32).reshape(-1)
+  label = jnp.asarray(label).astype(jnp.int32).reshape(-1)
+  valid = (label != IGNORE_INDEX) & (label >= 0) & (label < k) & (pred >= 0) & (pred < k)
+  index = jnp.where(valid, label * k + pred, 0)
+  counts = jnp.zeros((k * k,), jnp.int32).at[index].add(valid.astype(jnp.int32))
+  return counts.reshape(k, k)
+
+
+_confusion_jit = jax.jit(confusion_matrix, static_argnames="num_classes")
+
+
+def iou_from_confusion(conf: Any) -> np.ndarray:
+  """Per-class IoU = I / (GT + pred − I) as float64; NaN where the union is 0."""
+  conf = np.asarray(conf, np.float64)
+  inter = np.diag(conf)
+  union = conf.sum(0) + conf.sum(1) - inter
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), np.nan)
+
+
+def _nanmean_pct(values: np.ndarray) -> float:
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # All-NaN → NaN, as mmseg.
+    return float(100.0 * np.nanmean(values)) if values.size else math.nan
+
+
+def miou_report(conf: Any, class_names: Sequence[str] = CLASSES) -> dict[str, Any]:
+  """Named metrics from a summed confusion matrix (all values in %).
+
+  Keys: ``per_class`` (class name → IoU %), ``per_class_acc`` (class name → pixel accuracy %), ``mIoU`` (nanmean over all K classes), ``aAcc``,
+  ``num_pixels`` and, for the 19 Cityscapes classes, ``mIoU16`` / ``mIoU13`` (SYNTHIA protocols:
+  without terrain/truck/train, and additionally without wall/fence/pole).
+  """
+  conf = np.asarray(conf, np.int64)
+  k = conf.shape[0]
+  if conf.shape != (k, k) or len(class_names) != k:
+    raise ValueError(f"miou_report: confusion shape {conf.shape} does not match "
+                     f"{len(class_names)} class names")
+  iou = iou_from_confusion(conf)
+  gt = conf.sum(1)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    acc = np.where(gt > 0, np.diag(conf) / np.maximum(gt, 1), np.nan)
+  total = int(conf.sum())
+  report = {
+      "per_class": {name: float(100.0 * v) for name, v in zip(class_names, iou)},
+      "per_class_acc": {name: float(100.0 * v) for name, v in zip(class_names, acc)},
+      "mIoU": _nanmean_pct(iou),
+      "aAcc": float(100.0 * np.trace(conf) / total) if total else math.nan,
+      "num_pixels": total,
+  }
+  if k == NUM_CLASSES:
+    report["mIoU16"] = _nanmean_pct(iou[list(SYNTHIA16_CLASSES)])
+    report["mIoU13"] = _nanmean_pct(iou[list(SYNTHIA13_CLASSES)])
+  return report
+
+
+def report_scalars(report: Mapping[str, Any], prefix: str = "eval/") -> dict[str, float]:
+  """Flattens a report for a metric writer: ``{prefix}mIoU``, ``{prefix}IoU/road``, ..."""
+  names = {"per_class": "IoU", "per_class_acc": "Acc"}
+  out = {}
+  for key, value in report.items():
+    if isinstance(value, Mapping):
+      out.update({f"{prefix}{names.get(key, key)}/{n}": float(v) for n, v in value.items()})
+    else:
+      out[f"{prefix}{key}"] = float(value)
+  return out
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+  """A fixed-width table: one row per class (IoU, Acc), then the summary numbers."""
+  fmt = lambda v: "   n/a" if math.isnan(v) else f"{v:6.2f}"
+  names = list(report["per_class"])
+  width = max([len(n) for n in names] + [5])
+  lines = [f"{'class':<{width}}    IoU    Acc", "-" * (width + 14)]
+  for name in names:
+    lines.append(f"{name:<{width}} {fmt(report['per_class'][name])} {fmt(report['per_class_acc'][name])}")
+  lines.append("-" * (width + 14))
+  summary = [f"mIoU{len(names)} {fmt(report['mIoU']).strip()}"]
+  for key in ("mIoU16", "mIoU13"):
+    if key in report:
+      summary.append(f"{key} {fmt(report[key]).strip()}")
+  summary.append(f"aAcc {fmt(report['aAcc']).strip()}")
+  summary.append(f"pixels {report['num_pixels']}")
+  lines.append(" | ".join(summary))
+  return "\n".join(lines)
+
+
+def whole_inference(logits_fn: LogitsFn, images: jax.Array,
+                    out_size: tuple[int, int]) -> jax.Array:
+  """Logits ``[B, *out_size, K]`` of the whole image (mmseg 'whole' mode).
+
+  ``logits_fn(images)`` may return any stride; as in mmseg the logits are first resized to
+  the input size (``encode_decode``) and then to ``out_size`` (the label size).
+  """
+  logits = logits_fn(images).astype(jnp.float32)
+  logits = resize_bilinear(logits, tuple(images.shape[1:3]))
+  return resize_bilinear(logits, tuple(out_size))
+
+
+def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
+  h, w = (v, v) if isinstance(v, int) else tuple(v)
+  if h <= 0 or w <= 0:
+    raise ValueError(f"slide inference: {name} must be positive, got {v}")
+  return int(h), int(w)
+
+
+def slide_windows(height: int, width: int, crop: int | Sequence[int],
+                  stride: int | Sequence[int]) -> list[tuple[int, int, int, int]]:
+  """mmseg ``slide_inference`` windows ``(y1, y2, x1, x2)``, clamped inside the image.
+
+  ``h_grids = max(H − crop_h + stride_h − 1, 0) // stride_h + 1``; the last window is moved
+  back so that it ends at the border, so every window has size ``min(crop, image)``.
+  """
+  (ch, cw), (sh, sw) = _pair(crop, "crop"), _pair(stride, "stride")
+  h_grids = max(height - ch + sh - 1, 0) // sh + 1
+  w_grids = max(width - cw + sw - 1, 0) // sw + 1
+  windows = []
+  for i in range(h_grids):
+    for j in range(w_grids):
+      y1 = max(min(i * sh, height - ch), 0)
+      x1 = max(min(j * sw, width - cw), 0)
+      windows.append((y1, min(y1 + ch, height), x1, min(x1 + cw, width)))
+  return windows
+
+
+def slide_count_map(height: int, width: int, crop: int | Sequence[int],
+                    stride: int | Sequence[int]) -> np.ndarray:
+  """How many windows cover each pixel (``float32 [H, W]``)."""
+  count = np.zeros((height, width), np.float32)
+  for y1, y2, x1, x2 in slide_windows(height, width, crop, stride):
+    count[y1:y2, x1:x2] += 1
+  return count
+
+
+def slide_inference(logits_fn: LogitsFn, images: jax.Array, crop: int | Sequence[int],
+                    stride: int | Sequence[int], num_classes: int, *,
+                    out_size: tuple[int, int] | None = None,
+                    batch_windows: bool = True) -> jax.Array:
+  """Window-averaged logits ``[B, H, W, K]`` (or ``out_size``) — mmseg 'slide' mode.
+
+  Each window's logits (any stride) are bilinearly resized to the window and accumulated;
+  the sum is divided by the count map. ``batch_windows`` stacks all windows on the batch axis
+  for one ``logits_fn`` call (HRDA's ``batched_slide``); otherwise windows run one at a time.
+  """
+  b, h, w, _ = images.shape
+  windows = slide_windows(h, w, crop, stride)
+  count = slide_count_map(h, w, crop, stride)
+  if count.min() < 1:  # Cannot happen with the clamped grid; guards future edits.
+    raise AssertionError(f"slide windows leave pixels uncovered for {h}x{w}, crop {crop}")
+  crops = [images[:, y1:y2, x1:x2] for y1, y2, x1, x2 in windows]
+  if batch_windows:
+    outs = jnp.split(logits_fn(jnp.concatenate(crops, axis=0)), len(windows), axis=0)
+  else:
+    outs = [logits_fn(c) for c in crops]
+  preds = jnp.zeros((b, h, w, num_classes), jnp.float32)
+  for (y1, y2, x1, x2), out in zip(windows, outs):
+    if out.shape[-1] != num_classes:
+      raise ValueError(f"slide_inference: logits_fn returned {out.shape[-1]} channels, "
+                       f"expected num_classes={num_classes}")
+    out = resize_bilinear(out.astype(jnp.float32), (y2 - y1, x2 - x1))
+    preds = preds.at[:, y1:y2, x1:x2].add(out)
+  preds = preds / jnp.asarray(count)[None, :, :, None]
+  return preds if out_size is None else resize_bilinear(preds, tuple(out_size))
+
+
+class Evaluator:
+  """Accumulates a confusion matrix over batches and returns ``miou_report``.
+
+  Args:
+    predict_fn: ``image [B, H, W, 3] -> int prediction [B, h, w]`` at the label size (e.g. a
+      jitted argmax of ``whole_inference``/``slide_inference``).
+    num_classes: K.
+    class_names: names for the report rows.
+
+  Padding examples (e.g. to fill the last batch) must carry label 255 everywhere.
+  """
+
+  def __init__(self, predict_fn: Callable[[Any], Any], num_classes: int = NUM_CLASSES,
+               class_names: Sequence[str] = CLASSES):
+    if len(class_names) != num_classes:
+      raise ValueError(f"Evaluator: {len(class_names)} class names for {num_classes} classes")
+    self.predict_fn = predict_fn
+    self.num_classes = num_classes
+    self.class_names = tuple(class_names)
+    self.confusion = np.zeros((num_classes, num_classes), np.int64)
+
+  def run(self, batches: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Evaluates every ``{'image', 'label'}`` batch; the summed matrix stays in ``confusion``."""
+    conf = np.zeros((self.num_classes, self.num_classes), np.int64)
+    num_images = 0
+    for i, batch in enumerate(batches):
+      if "image" not in batch or "label" not in batch:
+        raise KeyError(f"Evaluator: batch {i} needs keys 'image' and 'label', has {sorted(batch)}")
+      label = np.asarray(batch["label"])
+      pred = self.predict_fn(batch["image"])
+      if tuple(pred.shape) != label.shape:
+        raise ValueError(f"Evaluator: predict_fn returned shape {tuple(pred.shape)} for batch {i} "
+                         f"but the labels have shape {label.shape} (predict at label size)")
+      # Per-batch counts fit int32; the running sum is int64 on the host.
+      conf += np.asarray(_confusion_jit(pred, label, num_classes=self.num_classes), np.int64)
+      num_images += label.shape[0]
+    self.confusion = conf
+    report = miou_report(conf, self.class_names)
+    report["num_images"] = num_images
+    return report
+
