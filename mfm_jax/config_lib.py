@@ -73,6 +73,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.drop_path_rate = 0.1  # MiT class default, linear over all blocks
   c.model.remat = False  # rematerialise encoder blocks (memory switch)
   c.model.compute_dtype = "float32"  # 'float32' | 'bfloat16' (params/optimizer stay fp32)
+  c.model.hrda = ml_collections.ConfigDict()  # HRDA multi-resolution (§1.4)
+  c.model.hrda.enabled = False
+  c.model.hrda.scales = (1.0, 0.5)  # HR detail scale, LR context scale
+  c.model.hrda.hr_crop_size = (512, 512)
+  c.model.hrda.crop_coord_divisible = 8
+  c.model.hrda.hr_loss_weight = 0.1  # λ_d; fused loss weight 0.9
+  c.model.hrda.attention_classwise = True
+  c.model.hrda.hr_slide_inference = True
+  c.model.hrda.hr_slide_stride = (256, 256)  # crop / 2
+  c.model.hrda.mfm_features = "context"  # OURS: MFM on the LR context features | 'detail'
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "gta5"  # gta5 | synthia | cityscapes | synthetic_source | synthetic_target | folder_source | folder_target
@@ -234,6 +244,7 @@ _CHOICES = {
     "eval.mode": ("whole", "slide"),
     "eval.which": ("student", "teacher"),
     "init_scope": ("model", "backbone"),
+    "model.hrda.mfm_features": ("context", "detail"),
 }
 
 _RANGES = {  # key: (low, high, low inclusive, high inclusive)

@@ -145,6 +145,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               f"{k}={v:.4g}" for k, v in sorted(host_metrics.items())))
       if done % config.eval_every == 0 and done != config.num_steps:
         run_eval(done)
+      if sigterm.raised and not save_now:  # the flag may have been raised during this step
+        save_now = True
+        _check_finite(done, {k: float(v) for k, v in jax.device_get(metrics).items()},
+                      last_saved)
       if save_now:
         if ckpt.save(done, state, extra={"data": data_iter.get_state()}, force=True):
           last_saved = done
