@@ -27,6 +27,10 @@ from etils import epath
 
 STATE_ITEM = "state"
 EXTRA_ITEM = "extra"
+# In multi-process runs ``extra`` (e.g. each host's data-iterator state) differs per process,
+# but Orbax writes JSON from the primary host only: all processes' dicts are gathered and
+# stored as {_PER_PROCESS: [dict_0, dict_1, ...]}.
+_PER_PROCESS = "__per_process__"
 
 
 class CheckpointError(ValueError):
@@ -69,6 +73,18 @@ def check_finite(state: Any) -> None:
     raise NonFiniteStateError(
         f"Refusing to checkpoint a state with non-finite values in {len(bad)} leaves: {shown}. "
         "The last good checkpoint is kept.")
+
+
+def _gather_per_process(extra: dict) -> dict:
+  """Collects every process's ``extra`` dict (a collective: all processes must call it)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  blob = np.frombuffer(json.dumps(extra).encode("utf-8"), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(blob.size))).reshape(-1)
+  padded = np.zeros((int(sizes.max()),), np.uint8)
+  padded[:blob.size] = blob
+  blobs = np.asarray(multihost_utils.process_allgather(padded))
+  return {_PER_PROCESS: [json.loads(bytes(blobs[i, :n]).decode("utf-8"))
+                         for i, n in enumerate(sizes)]}
 
 
 def _check_abstract(abstract_state: Any) -> None:
@@ -145,6 +161,8 @@ class Checkpointer:
       raise CheckpointError(
           f"Checkpointer.save: `extra` must be a JSON-serialisable dict of finite values: {e}") from e
     check_finite(state)
+    if jax.process_count() > 1:
+      extra = _gather_per_process(extra)
     return self._manager.save(
         step, args=ocp.args.Composite(**{
             STATE_ITEM: ocp.args.StandardSave(state),
@@ -156,7 +174,7 @@ class Checkpointer:
 
     ``abstract_state`` has the structure of the saved state and ``jax.ShapeDtypeStruct``
     leaves carrying the target shardings, so a checkpoint written on one mesh / device count
-    can be restored onto another.
+    can be restored onto another. ``extra`` is this process's own dict as passed to ``save``.
     """
     _check_abstract(abstract_state)
     self._manager.wait_until_finished()
@@ -177,7 +195,16 @@ class Checkpointer:
       raise CheckpointError(
           f"Could not restore step {step} from {self.directory} onto the given target "
           f"(structure/shape mismatch?): {e}") from e
-    return restored[STATE_ITEM], dict(restored[EXTRA_ITEM] or {})
+    extra = dict(restored[EXTRA_ITEM] or {})
+    if _PER_PROCESS in extra:
+      per_process = extra[_PER_PROCESS]
+      if len(per_process) != jax.process_count():
+        raise CheckpointError(
+            f"Step {step} in {self.directory} holds `extra` of {len(per_process)} processes but "
+            f"this run has {jax.process_count()}; per-process state (e.g. data iterators) cannot "
+            "be resumed on a different process count.")
+      extra = per_process[jax.process_index()]
+    return restored[STATE_ITEM], extra
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are finalised."""

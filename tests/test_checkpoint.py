@@ -1,6 +1,11 @@
 """Tests for mfm_jax.checkpoint: save/restore across meshes, keep-N, interval, atomicity, errors."""
 
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +16,8 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from mfm_jax import checkpoint
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @struct.dataclass
@@ -187,3 +194,80 @@ def test_restore_errors(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match=r"step 5 .* available steps: \[2\]"):
     ckpt.restore(_abstract(host, lambda x: one), step=5)
   ckpt.close()
+
+
+_WORKER = textwrap.dedent("""
+    import sys
+    pid, port, workdir, repo = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    sys.path.insert(0, repo)
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from mfm_jax import checkpoint
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    repl, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    host = {"params": {"model": {"w": np.arange(8, dtype=np.float32).reshape(4, 2)}},
+            "step": np.int32(5)}
+    state = jax.tree.map(lambda x: jax.device_put(x, repl), host)
+    ckpt = checkpoint.Checkpointer(workdir, keep=2, save_interval_steps=5)
+    assert ckpt.save(5, state, extra={"data": [pid, 1]})  # Per-process iterator state.
+    ckpt.wait()
+    # NaN only in the rows held by process 1: every process must refuse (no one hangs).
+    local = host["params"]["model"]["w"].copy()
+    if pid == 1:
+      local[:] = np.nan
+    bad = {"params": {"model": {"w": jax.make_array_from_callback((4, 2), rows,
+                                                                  lambda idx: local[idx])}},
+           "step": state["step"]}
+    try:
+      ckpt.save(10, bad)
+      raise SystemExit("a non-finite state was saved")
+    except checkpoint.NonFiniteStateError:
+      pass
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=rows if x.ndim else repl), host)
+    restored, extra = ckpt.restore(abstract)
+    assert extra == {"data": [pid, 1]}, extra
+    w = restored["params"]["model"]["w"]
+    assert len(w.addressable_shards) == 2
+    for shard in w.addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), host["params"]["model"]["w"][shard.index])
+    assert ckpt.all_steps() == [5], ckpt.all_steps()
+    ckpt.close()
+    np.testing.assert_array_equal(checkpoint.load_params(workdir)["w"], host["params"]["model"]["w"])
+    print(f"worker {pid}/{jax.process_count()} ok")
+""")
+
+
+def test_two_process_save_restore(tmp_path):
+  """All processes call save/restore; Orbax coordinates the writes (2 processes x 2 CPUs)."""
+  script = tmp_path / "worker.py"
+  script.write_text(_WORKER)
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  procs = [subprocess.Popen(
+      [sys.executable, str(script), str(pid), str(port), str(tmp_path / "ckpt"), _REPO],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for pid in (0, 1)]
+  outputs = []
+  for p in procs:
+    try:
+      outputs.append(p.communicate(timeout=120)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+  for pid, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0 and f"worker {pid}/2 ok" in out, out[-3000:]
+  assert sorted(os.listdir(tmp_path / "ckpt")) == ["5"]
+  # This (single) process cannot take over the two processes' per-process `extra`.
+  one = SingleDeviceSharding(jax.devices()[0])
+  abstract = {"params": {"model": {"w": jax.ShapeDtypeStruct((4, 2), jnp.float32, sharding=one)}},
+              "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=one)}
+  with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+    with pytest.raises(checkpoint.CheckpointError, match="`extra` of 2 processes"):
+      ckpt.restore(abstract)
