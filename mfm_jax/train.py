@@ -21,7 +21,7 @@ from absl import logging
 
 from mfm_jax import checkpoint, config_lib, inference, metric_writers, parallel, state as state_lib
 from mfm_jax.data import pipeline
-from mfm_jax.evaluation import format_report
+from mfm_jax.evaluation import format_report, report_scalars
 from mfm_jax.train_step import make_update_fn
 
 
@@ -115,8 +115,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     batches = pipeline.make_eval_dataset(config.data, process_index=jax.process_index(),
                                          process_count=jax.process_count())
     report = inference.evaluate(config, host, variables, batches, predict_fn)
-    writer.write_scalars(step, {"eval/mIoU": report["mIoU"],
-                                **{f"eval/IoU/{k}": v for k, v in report["per_class"].items()}})
+    writer.write_scalars(step, report_scalars(report))
     logging.info("Evaluation at step %d (%.1fs):\n%s", step, time.time() - t0,
                  format_report(report))
     return report
@@ -150,8 +149,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         _check_finite(done, {k: float(v) for k, v in jax.device_get(metrics).items()},
                       last_saved)
       if save_now:
-        if ckpt.save(done, state, extra={"data": data_iter.get_state()}, force=True):
-          last_saved = done
+        try:
+          if ckpt.save(done, state, extra={"data": data_iter.get_state()}, force=True):
+            last_saved = done
+        except checkpoint.NonFiniteStateError as e:
+          raise NonFiniteLossError(
+              f"Non-finite parameters after step {done}; training stopped and "
+              f"{'the last good checkpoint (step %s) is kept' % last_saved}. {e}") from e
       if sigterm.raised:
         ckpt.wait()
         writer.close()
