@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mfm_jax.uda import classmix, ema, feature_distance, losses, masking, mfm, pseudo_labels
+from mfm_jax.uda import (augment, classmix, ema, feature_distance, losses, masking, mfm,
+                         pseudo_labels)
 
 
 def _to_torch_nchw(x):
@@ -109,7 +110,7 @@ def _mix_labels():
   lab[0, 4:] = 255
   lab[1, :3] = 3
   lab[1, 3:] = 5
-  return jnp.asarray(lab)  # whole-batch classes {0? no: 3, 5, 7, 255} -> n = 4
+  return jnp.asarray(lab)  # whole-batch classes {3, 5, 7, 255} -> n = 4
 
 
 def test_class_mix_chosen_count_and_masks():
@@ -291,9 +292,10 @@ def test_helpers_under_jit_with_sharded_batch():
   labels[:, :4] = 255
   logits = rng.normal(size=(4, 8, 8, 19)).astype(np.float32)
   feats = rng.normal(size=(4, 2, 2, 8)).astype(np.float32)
+  images = rng.normal(size=(4, 32, 32, 3)).astype(np.float32)
 
-  def step(key, labels, logits, feats):
-    k1, k2, k3 = jax.random.split(key, 3)
+  def step(key, labels, logits, feats, images):
+    k1, k2, k3, k4, k5 = jax.random.split(key, 5)
     pl, pw = pseudo_labels.pseudo_labels(logits, (32, 32), ignore_top=2)
     cm = classmix.class_mix_masks(k1, labels)
     mixed_lab = classmix.mix(cm, labels, pl)
@@ -302,10 +304,14 @@ def test_helpers_under_jit_with_sharded_batch():
     cells = mfm.cell_mask(k3, 4, 4, 0.4)
     fused = mfm.fuse(feats, feats * 2, mfm.level_mask(cells, (2, 2)))
     fd = feature_distance.feature_distance(fused, feats, labels)
-    return ce, fd, cm, bm, pw
+    # p = -1: the jitter draw always passes; blur = True with p(0.5) per key.
+    aug1 = augment.strong_transform(k4, images, color_jitter_probability=-1.0)
+    aug2 = augment.strong_transform(k5, images * bm, color_jitter_probability=-1.0,
+                                    per_sample=False)
+    return ce, fd, cm, bm, pw, aug1, aug2
 
   key = jax.random.key(0)
-  args = (labels, logits, feats)
+  args = (labels, logits, feats, images)
   ref = jax.jit(step)(key, *args)
   sharded = [jax.device_put(a, shard) for a in args]
   got = jax.jit(step)(key, *sharded)
