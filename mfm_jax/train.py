@@ -68,8 +68,13 @@ def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None) 
                              f"{kept}. Lower config.optim.lr or check the data.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains ``config`` in ``workdir`` and returns the final evaluation report."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_at: int | None = None) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir`` and returns the final evaluation report.
+
+  ``stop_at`` ends the run after that step with a checkpoint, as a preemption would (the
+  schedule still targets ``config.num_steps``; a later call resumes).
+  """
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh(config.mesh.data)
@@ -133,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("First step (compile + run) took %.1fs.", time.time() - t_compile)
       log_now = done % config.log_every == 0 or done == config.num_steps or step == start
       save_now = (done % config.checkpoint_every == 0 or done == config.num_steps
-                  or sigterm.raised)
+                  or sigterm.raised or done == stop_at)
       if log_now or save_now:
         host_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         _check_finite(done, host_metrics, last_saved)
@@ -156,6 +161,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           raise NonFiniteLossError(
               f"Non-finite parameters after step {done}; training stopped and "
               f"{'the last good checkpoint (step %s) is kept' % last_saved}. {e}") from e
+      if done == stop_at and not sigterm.raised:
+        ckpt.wait()
+        writer.close()
+        return {"stopped_at": done}
       if sigterm.raised:
         ckpt.wait()
         writer.close()

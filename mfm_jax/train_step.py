@@ -69,9 +69,14 @@ def _freeze(model_params, part: str):
 
 
 def make_update_fn(config: ml_collections.ConfigDict, host: SegmentationHost,
-                   mfm_task: MFMTask | None, tx: optax.GradientTransformation
+                   mfm_task: MFMTask | None, tx: optax.GradientTransformation,
+                   *, with_grads: bool = False
                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """Returns the pure ``update_fn(state, batch) -> (state, metrics)`` for ``config``."""
+  """Returns the pure ``update_fn(state, batch) -> (state, metrics)`` for ``config``.
+
+  ``with_grads=True`` adds the raw gradient pytree to the metrics as ``'grads'`` (used by the
+  multi-device equality tests, which compare gradients rather than Adam-updated parameters).
+  """
   uda, mfm_cfg = config.uda, config.mfm
   use_teacher = needs_teacher(config)
   use_fd = needs_imnet(config)
@@ -170,6 +175,8 @@ def make_update_fn(config: ml_collections.ConfigDict, host: SegmentationHost,
     metrics.update({f"loss/{k}": v for k, v in terms.items()})
     metrics["loss/total"] = total
     metrics["grad_norm"] = optax.global_norm(grads)
+    if with_grads:
+      metrics["grads"] = grads
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
                               opt_state=opt_state, ema_params=ema_params, ema_batch_stats=ema_bs)
     return new_state, metrics
