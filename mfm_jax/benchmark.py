@@ -1,0 +1,218 @@
+r"""Step-time benchmark: ``python -m mfm_jax.benchmark --config=configs/mic_mfm.py[:preset]``.
+
+Prints, for the configured UDA step on fake data of the configured crop and batch size:
+compile time, median step time over ``--steps`` after ``--warmup``, images/s (source + target
+images per step), peak device memory, XLA's FLOP count of the compiled step, an analytic FLOP
+count, achieved TFLOP/s and MFU; the parameters and FLOPs of the deployed network with and
+without MFM (equal: the Rebuilder is discarded); and, with ``--torch``, the time of a PyTorch
+training step of a comparable network (transformers' SegFormer: same MiT encoder, its all-MLP
+head, CE loss, forward + backward + AdamW, same crop and batch) next to our supervised-only
+step (source CE on the same batch), with their ratio.
+
+Analytic FLOPs (documented): F = forward FLOPs of the deployed segmentor for one image
+(XLA cost analysis of the inference forward). A training pass costs 3F (forward + backward),
+a no-grad pass F. Per step with batch b per domain: source 3F·b, ClassMix 3F·b, MIC 3F·b,
+MFM target encoder+decoder 3F·b (+ the Rebuilder, counted by XLA only), EMA teacher F·b,
+ImageNet encoder ≈ F·b (upper bound: the encoder alone is cheaper).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mfm_jax import config_lib, parallel, state as state_lib
+from mfm_jax.train_step import make_update_fn
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:preset].")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+_TORCH = flags.DEFINE_bool("torch", False, "Also time a PyTorch SegFormer training step.")
+_JSON = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
+
+# Dense peak TFLOP/s by device kind (vendor data sheets; SXM parts).
+_PEAK_TFLOPS = {
+    ("H100", "bfloat16"): 989.0, ("H100", "float32"): 67.0,
+    ("H200", "bfloat16"): 989.0, ("H200", "float32"): 67.0,
+    ("A100", "bfloat16"): 312.0, ("A100", "float32"): 19.5,
+}
+
+
+def fake_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
+  """Random images and blocky random labels of the configured crop and global batch size."""
+  rng = np.random.default_rng(seed)
+  b, (h, w) = config.data.batch_size, config.data.crop_size
+  k = config.model.num_classes
+  blocks = rng.integers(0, k, (b, -(-h // 32), -(-w // 32)))
+  lbl = blocks.repeat(32, 1).repeat(32, 2)[:, :h, :w].astype(np.int32)
+  return dict(source_image=rng.normal(size=(b, h, w, 3)).astype(np.float32), source_label=lbl,
+              target_image=rng.normal(size=(b, h, w, 3)).astype(np.float32),
+              target_valid=np.ones((b, h, w), np.float32),
+              target_label=np.full((b, h, w), 255, np.int32))
+
+
+def _cost_flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def deployed_figures(config) -> dict[str, Any]:
+  """Parameters and forward FLOPs (one image) of the inference network."""
+  host = state_lib.build_host(config)
+  h, w = config.data.crop_size
+  x = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: host.model.init(
+      {"params": jax.random.key(0), "dropout": jax.random.key(0)}, x, train=False), x)
+  n = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(variables["params"]))
+  fwd = jax.jit(lambda v, x: host.predict(v, x, train=False)[0]).lower(variables, x).compile()
+  return {"params": n, "forward_flops": _cost_flops(fwd),
+          "tree": jax.tree_util.tree_structure(variables["params"])}
+
+
+def time_step(config, steps: int, warmup: int) -> dict[str, Any]:
+  mesh = parallel.make_mesh(config.mesh.data)
+  host = state_lib.build_host(config)
+  task = state_lib.build_mfm_task(config)
+  tx = state_lib.build_optimizer(config, host, task)
+  repl = parallel.replicated(mesh)
+  state = state_lib.create_train_state(config, host, task, tx, repl)
+  batch = parallel.shard_batch(fake_batch(config), mesh)
+  update = jax.jit(make_update_fn(config, host, task, tx), donate_argnums=(0,),
+                   in_shardings=(repl, parallel.data_sharded(mesh)), out_shardings=(repl, repl))
+  t0 = time.perf_counter()
+  compiled = update.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(warmup):
+    state, m = compiled(state, batch)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  peak = None
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    peak = stats["peak_bytes_in_use"] / 2**30
+  return {"compile_s": compile_s, "step_s": statistics.median(times),
+          "xla_step_flops": _cost_flops(compiled) * mesh.devices.size, "peak_gib": peak,
+          "devices": mesh.devices.size}
+
+
+def analytic_step_flops(config, forward_flops: float) -> float:
+  b = config.data.batch_size
+  passes = 3.0  # source
+  if config.uda.enabled:
+    passes += 3.0 + 1.0  # ClassMix + teacher
+    if config.uda.mic.enabled:
+      passes += 3.0
+  if config.uda.fd.enabled:
+    passes += 1.0
+  if config.mfm.enabled:
+    passes += 3.0 * (2 if config.mfm.domain == "both" else 1)
+  return passes * forward_flops * b
+
+
+def torch_segformer_step(config, steps: int, warmup: int) -> dict[str, Any]:
+  """A transformers SegFormer (same MiT variant) supervised training step in PyTorch."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from mfm_jax.models import mit  # pylint: disable=g-import-not-at-top
+  v = mit.MIT_VARIANTS[config.model.backbone]
+  cfg = transformers.SegformerConfig(
+      num_channels=3, num_encoder_blocks=4, depths=list(v["depths"]),
+      sr_ratios=list(v["sr_ratios"]), hidden_sizes=list(v["embed_dims"]),
+      num_attention_heads=list(v["num_heads"]), mlp_ratios=list(v["mlp_ratios"]),
+      decoder_hidden_size=config.model.head_embed_dim, num_labels=config.model.num_classes,
+      drop_path_rate=config.model.drop_path_rate)
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  model = transformers.SegformerForSemanticSegmentation(cfg).to(dev).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=6e-5, weight_decay=0.01)
+  b, (h, w) = config.data.batch_size, config.data.crop_size
+  x = torch.randn(b, 3, h, w, device=dev)
+  y = torch.randint(0, config.model.num_classes, (b, h, w), device=dev)
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    logits = model(pixel_values=x).logits
+    logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear",
+                                             align_corners=False)
+    torch.nn.functional.cross_entropy(logits, y, ignore_index=255).backward()
+    opt.step()
+
+  sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+  for _ in range(warmup):
+    step()
+  sync()
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    step()
+    sync()
+    times.append(time.perf_counter() - t)
+  return {"torch_step_s": statistics.median(times), "torch_device": dev,
+          "torch_version": torch.__version__,
+          "torch_params": sum(p.numel() for p in model.parameters())}
+
+
+def run(config, steps: int, warmup: int, with_torch: bool) -> dict[str, Any]:
+  config_lib.validate(config)
+  device = jax.devices()[0]
+  out: dict[str, Any] = {"device": f"{device.platform}:{device.device_kind}",
+                         "date": time.strftime("%Y-%m-%d"),
+                         "crop": tuple(config.data.crop_size),
+                         "batch_per_domain": config.data.batch_size,
+                         "dtype": config.model.compute_dtype}
+  with_mfm, without = config.copy_and_resolve_references(), config.copy_and_resolve_references()
+  without.mfm.enabled = False
+  d_with, d_without = deployed_figures(with_mfm), deployed_figures(without)
+  out["deployed_params"] = d_with["params"]
+  out["deployed_params_without_mfm"] = d_without["params"]
+  out["deployed_forward_gflops"] = d_with["forward_flops"] / 1e9
+  out["deployed_forward_gflops_without_mfm"] = d_without["forward_flops"] / 1e9
+  out["deployed_equal"] = (d_with["tree"] == d_without["tree"]
+                           and d_with["params"] == d_without["params"]
+                           and d_with["forward_flops"] == d_without["forward_flops"])
+  out.update(time_step(config, steps, warmup))
+  out["images_per_s"] = 2 * config.data.batch_size / out["step_s"]
+  out["analytic_step_tflops"] = analytic_step_flops(config, d_with["forward_flops"]) / 1e12
+  out["achieved_tflops_s"] = out["analytic_step_tflops"] / out["step_s"]
+  kind = next((k for k in ("H100", "H200", "A100") if k in device.device_kind), None)
+  peak = _PEAK_TFLOPS.get((kind, config.model.compute_dtype)) if kind else None
+  out["mfu"] = out["achieved_tflops_s"] / peak if peak else None
+  if with_torch:
+    sup = config.copy_and_resolve_references()
+    config_lib.set_method(sup, "source_only", False)
+    out["jax_supervised_step_s"] = time_step(sup, steps, warmup)["step_s"]
+    out.update(torch_segformer_step(config, steps, warmup))
+    out["torch_over_jax_supervised"] = out["torch_step_s"] / out["jax_supervised_step_s"]
+  return out
+
+
+def main(argv):
+  del argv
+  out = run(_CONFIG.value, _STEPS.value, _WARMUP.value, _TORCH.value)
+  width = max(len(k) for k in out)
+  for k, v in out.items():
+    v = f"{v:.4g}" if isinstance(v, float) else v
+    print(f"{k:<{width}}  {v}")
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(out, f, indent=2, default=str)
+  logging.info("done")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
