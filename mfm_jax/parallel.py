@@ -27,6 +27,10 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
   slices and ``JAX_COORDINATOR_ADDRESS`` are auto-detected by ``jax.distributed.initialize``.
   A single-process run calls nothing.
   """
+  if coordinator_address or num_processes > 1:
+    # CPU-only multi-process runs (tests, debugging) need a cross-process collective backend.
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator_address:
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
