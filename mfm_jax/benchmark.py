@@ -2,7 +2,8 @@ r"""Step-time benchmark: ``python -m mfm_jax.benchmark --config=configs/mic_mfm.
 
 Prints, for the configured UDA step on fake data of the configured crop and batch size:
 compile time, median step time over ``--steps`` after ``--warmup``, images/s (source + target
-images per step), peak device memory, XLA's FLOP count of the compiled step, an analytic FLOP
+images per step), peak device memory (GPU/TPU allocator) and XLA's temporary-buffer size of the
+compiled step (any backend, the figure the memory switches such as ``model.remat`` change), XLA's FLOP count of the compiled step, an analytic FLOP
 count, achieved TFLOP/s and MFU; the parameters and FLOPs of the deployed network with and
 without MFM (equal: the Rebuilder is discarded); and, with ``--torch``, the time of a PyTorch
 training step of a comparable network (transformers' SegFormer: same MiT encoder, its all-MLP
@@ -105,7 +106,10 @@ def time_step(config, steps: int, warmup: int) -> dict[str, Any]:
   stats = jax.local_devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     peak = stats["peak_bytes_in_use"] / 2**30
+  mem = compiled.memory_analysis()
+  temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
   return {"compile_s": compile_s, "step_s": statistics.median(times),
+          "xla_temp_gib": temp / 2**30 if temp is not None else None,
           "xla_step_flops": _cost_flops(compiled) * mesh.devices.size, "peak_gib": peak,
           "devices": mesh.devices.size}
 
