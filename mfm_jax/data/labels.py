@@ -51,3 +51,96 @@ def lookup_table(id_to_train_id: dict[int, int], size: int = 65536) -> np.ndarra
   for k, v in id_to_train_id.items():
     lut[k] = v
   return lut
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw label files → train ids, with validation (used at prepare time by `builders.py`).
+
+# cityscapesScripts labels.py defines ids 0..33 plus -1 (license plate), which a uint8
+# `*_labelIds.png` cannot hold; 255 is accepted as "already ignored". GTA5 uses the same ids.
+CITYSCAPES_KNOWN_IDS = frozenset(range(34)) | {IGNORE_LABEL}
+# SYNTHIA-RAND-CITYSCAPES class ids are 0..22 (synthia.py converter).
+SYNTHIA_KNOWN_IDS = frozenset(range(23))
+
+
+class LabelError(ValueError):
+  """A raw label file that cannot be converted to train ids (message names the file)."""
+
+
+def read_label_ids(path: str) -> np.ndarray:
+  """Reads a raw label PNG as an int32 ``[H, W]`` array of label ids.
+
+  Single-channel files ('L', 'P' palette indices, 'I;16') are returned as they are. For
+  multi-channel files the class id is the first (R) channel, as SYNTHIA's converter reads the
+  last cv2 (BGR) channel. SYNTHIA labels are 16-bit RGB(A) PNGs, which Pillow would truncate to
+  their high byte, so both bytes are decoded (Pillow's own PNG decoder, once per byte order).
+  """
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+
+  with PIL.Image.open(path) as im:
+    mode, tiles = im.mode, list(im.tile)
+    if mode in ("RGB", "RGBA") and tiles and str(tiles[0].args).endswith(";16B"):
+      planes = []
+      for order in ("16B", "16L"):  # high byte, then low byte of each big-endian sample
+        with PIL.Image.open(path) as im16:
+          im16.tile = [t._replace(args=f"{mode};{order}") for t in im16.tile]
+          im16.load()
+          planes.append(np.asarray(im16)[..., 0].astype(np.int32))
+      return planes[0] * 256 + planes[1]
+    im.load()
+    arr = np.asarray(im)
+  if arr.ndim == 3:
+    arr = arr[..., 0]
+  return arr.astype(np.int32)
+
+
+def check_known_ids(ids: np.ndarray, known: frozenset[int], path: str, dataset: str) -> None:
+  """Raises ``LabelError`` naming ``path`` if ``ids`` holds a value outside ``known``."""
+  values = np.unique(ids)
+  unknown = [int(v) for v in values if int(v) not in known]
+  if unknown:
+    raise LabelError(
+        f"{path}: label values {unknown[:10]} are not {dataset} label ids "
+        f"(known: {sorted(known)[:5]}..{sorted(known)[-1]}). Is this a label-id file "
+        "(not a colour or trainIds image)?")
+
+
+def to_train_ids(ids: np.ndarray, id_to_train_id: dict[int, int]) -> np.ndarray:
+  """Maps label ids (already validated) to uint8 train ids; unmapped ids → 255."""
+  lut = lookup_table(id_to_train_id, size=max(65536, int(ids.max(initial=0)) + 1))
+  return lut[ids]
+
+
+def class_pixel_counts(train_ids: np.ndarray) -> np.ndarray:
+  """Pixels per train id, int64 ``[19]`` (255 and other ids are not counted)."""
+  flat = train_ids.reshape(-1)
+  return np.bincount(flat[flat < NUM_CLASSES], minlength=NUM_CLASSES).astype(np.int64)
+
+
+def load_label_map(path: str) -> dict[int, int]:
+  """Reads a JSON ``{"label id": train id}`` map for the folder dataset.
+
+  Train ids must be 0..18 or 255; label ids non-negative integers below 65536. Ids absent
+  from the map are rejected at prepare time (map them to 255 explicitly to ignore them).
+  """
+  import json  # pylint: disable=g-import-not-at-top
+
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+  except (OSError, ValueError) as e:
+    raise LabelError(f"{path}: cannot read the JSON label map ({e}).") from e
+  if not isinstance(raw, dict) or not raw:
+    raise LabelError(f"{path}: the label map must be a non-empty JSON object "
+                     '{"label id": train id, ...}.')
+  out = {}
+  for k, v in raw.items():
+    try:
+      kid, tid = int(k), int(v)
+    except (TypeError, ValueError) as e:
+      raise LabelError(f"{path}: entry {k!r}: {v!r} is not integer → integer.") from e
+    if not 0 <= kid < 65536 or not (0 <= tid < NUM_CLASSES or tid == IGNORE_LABEL):
+      raise LabelError(f"{path}: entry {k!r}: {v!r}: label ids must be in [0, 65535] and "
+                       f"train ids in [0, {NUM_CLASSES - 1}] or {IGNORE_LABEL}.")
+    out[kid] = tid
+  return out
