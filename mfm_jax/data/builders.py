@@ -114,7 +114,8 @@ def _require_dir(path: str, dataset: str) -> None:
 def _walk(root: str, suffixes: tuple[str, ...]) -> list[str]:
   out = []
   for dirpath, _, files in os.walk(root):
-    out += [os.path.join(dirpath, f) for f in files if f.lower().endswith(suffixes)]
+    out += [os.path.join(dirpath, f) for f in files
+            if f.lower().endswith(tuple(s.lower() for s in suffixes))]
   return sorted(out)
 
 
@@ -235,6 +236,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   RELEASE_NOTES = {VERSION: "Train-id labels and per-image class pixel counts."}
   VERSION = tfds.core.Version(VERSION)
+  BUILDER_CONFIGS = [PrepConfig(name="full")]  # pre-resized configs are made on demand
   DATASET = ""
 
   def __init__(self, *, raw_dir: str | None = None, label_map: str | None = None,
@@ -320,7 +322,7 @@ def _source_key(raw_dir: str, label_map: str | None) -> str:
 def _make_builder(dataset, data_dir, scale, **kwargs) -> _Builder:
   _check_dataset(dataset)
   scale = None if scale is None else tuple(int(v) for v in scale)
-  config = PrepConfig(name=scale_tag(scale), scale=scale)
+  config = "full" if scale is None else PrepConfig(name=scale_tag(scale), scale=scale)
   return _BUILDERS[dataset](data_dir=data_dir, config=config, **kwargs)
 
 
