@@ -1,0 +1,41 @@
+r"""``python -m mfm_jax.convert``: PyTorch ``.pth`` ⇄ Orbax checkpoint.
+
+  python -m mfm_jax.convert --input=mit_b5.pth --output=ckpt/mit_b5 [--arch=auto]
+  python -m mfm_jax.convert --input=latest.pth --output=ckpt/daformer --which=teacher
+  python -m mfm_jax.convert --to_torch --input=ckpt/daformer --output=daformer.pth
+
+``--arch`` is 'auto' (detected from key names) or one of ``mapping.ARCHS``. Checksums printed by
+both directions are over the same Flax variables, so a round trip can be compared by eye.
+"""
+
+from absl import app
+from absl import flags
+
+from mfm_jax.convert import cli
+from mfm_jax.convert import mapping
+
+_INPUT = flags.DEFINE_string("input", None, ".pth file, or an Orbax directory with --to_torch.")
+_OUTPUT = flags.DEFINE_string("output", None, "Orbax directory, or a .pth file with --to_torch.")
+_ARCH = flags.DEFINE_enum("arch", "auto", ("auto",) + mapping.ARCHS, "Architecture.")
+_WHICH = flags.DEFINE_enum("which", "student", ("student", "teacher", "imnet"),
+                           "UDA network: model. (student), ema_model. (teacher), imnet_model.")
+_TO_TORCH = flags.DEFINE_bool("to_torch", False, "Export an Orbax checkpoint to a .pth file.")
+_PREFIX = flags.DEFINE_string("prefix", "", "Prefix for exported torch keys, e.g. 'model.'.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output.")
+flags.mark_flags_as_required(["input", "output"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _TO_TORCH.value:
+    report = cli.export_to_torch(_INPUT.value, _OUTPUT.value, _ARCH.value, _WHICH.value,
+                                 _PREFIX.value, _OVERWRITE.value)
+  else:
+    report = cli.convert_to_orbax(_INPUT.value, _OUTPUT.value, _ARCH.value, _WHICH.value,
+                                  _OVERWRITE.value)
+  print(cli.format_report(report), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
