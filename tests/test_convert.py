@@ -112,16 +112,18 @@ def test_hrda_key_set_round_trip():
 
 
 def test_hrda_module_tree_matches_converter():
-  """The HRDA segmentor's init tree (the route evaluate.py takes for a .pth) = converter tree."""
-  pytest.importorskip("mfm_jax.hrda", reason="HRDA segmentor module (mfm_jax/hrda.py) not written yet")
-  from mfm_jax import config_lib, evaluate, state  # pylint: disable=g-import-not-at-top
+  """mfm_jax.hrda's segmentor init tree equals the converter's HRDA tree (reference names)."""
+  hrda = pytest.importorskip("mfm_jax.hrda", reason="HRDA module (mfm_jax/hrda.py) not written yet")
+  from mfm_jax import config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.base_config()
   config.model.backbone, config.model.head = "mit_b5", "daformer_sepaspp"
   config.model.hrda.enabled = True
-  assert evaluate.torch_arch(config) == "hrda"
-  target = evaluate._abstract_variables(config, state.build_host(config))  # pylint: disable=protected-access
+  model = hrda.build_segmentor(config)
+  target = jax.eval_shape(lambda x: model.init(
+      {"params": jax.random.key(0), "dropout": jax.random.key(0)}, x, train=False),
+      jax.ShapeDtypeStruct((1, 512, 512, 3), np.float32))
   variables = mapping.torch_to_flax(_tsv("statedict_hrda_daformer_mitb5.tsv"), "hrda")
-  assert _shapes(variables) == _shapes(target)
+  assert _shapes(variables) == _shapes(dict(target))
 
 
 def test_dlv2red_resnet101_key_set_round_trip():

@@ -221,3 +221,119 @@ def test_daformer_segmentor_matches_torch(fusion):
   assert set(back) == set(sd)
   for k, v in sd.items():
     np.testing.assert_array_equal(back[k], np.asarray(v), err_msg=k)
+
+
+# ---------------------------------------------------------------- ResNet (mmseg names, §1.3)
+
+class TorchBottleneck(nn.Module):
+  """mmseg Bottleneck, 'pytorch' style (stride on the 3x3 conv), expansion 4."""
+
+  def __init__(self, cin, planes, stride=1, dilation=1):
+    super().__init__()
+    self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation,
+                           bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.conv3 = nn.Conv2d(planes, 4 * planes, 1, bias=False)
+    self.bn3 = nn.BatchNorm2d(4 * planes)
+    self.downsample = None
+    if stride != 1 or cin != 4 * planes:
+      self.downsample = nn.Sequential(nn.Conv2d(cin, 4 * planes, 1, stride, bias=False),
+                                      nn.BatchNorm2d(4 * planes))
+
+  def forward(self, x):
+    y = F.relu(self.bn1(self.conv1(x)))
+    y = F.relu(self.bn2(self.conv2(y)))
+    y = self.bn3(self.conv3(y))
+    return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class TorchResNetV1c(nn.Module):
+  """mmseg ResNetV1c: deep stem 3x3 convs 3→s/2→s/2→s, max-pool, 4 Bottleneck stages.
+
+  ``dilated``: strides (1, 2, 1, 1), dilations (1, 1, 2, 4) with contract_dilation (the first
+  block of a dilated stage uses half the dilation), os 8. Otherwise strides (1, 2, 2, 2), os 32.
+  """
+
+  def __init__(self, blocks, stem=64, deep_stem=True, dilated=True):
+    super().__init__()
+    if deep_stem:
+      self.stem = nn.Sequential(
+          nn.Conv2d(3, stem // 2, 3, 2, 1, bias=False), nn.BatchNorm2d(stem // 2), nn.ReLU(),
+          nn.Conv2d(stem // 2, stem // 2, 3, 1, 1, bias=False), nn.BatchNorm2d(stem // 2),
+          nn.ReLU(), nn.Conv2d(stem // 2, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem),
+          nn.ReLU())
+    else:
+      self.conv1 = nn.Conv2d(3, stem, 7, 2, 3, bias=False)
+      self.bn1 = nn.BatchNorm2d(stem)
+    self.deep_stem = deep_stem
+    strides, dilations = ((1, 2, 1, 1), (1, 1, 2, 4)) if dilated else ((1, 2, 2, 2), (1,) * 4)
+    cin = stem
+    for i, n in enumerate(blocks):
+      planes, d = stem * 2 ** i, dilations[i]
+      layer = [TorchBottleneck(cin, planes, strides[i], d // 2 if d > 1 else d)]
+      layer += [TorchBottleneck(4 * planes, planes, 1, d) for _ in range(n - 1)]
+      self.add_module(f"layer{i + 1}", nn.Sequential(*layer))
+      cin = 4 * planes
+
+  def forward(self, x):
+    x = self.stem(x) if self.deep_stem else F.relu(self.bn1(self.conv1(x)))
+    x = F.max_pool2d(x, 3, 2, 1)
+    outs = []
+    for i in range(4):
+      x = getattr(self, f"layer{i + 1}")(x)
+      outs.append(x)
+    return outs
+
+
+class TorchASPPConv(nn.Module):
+  """One DLV2 ASPP branch: 3x3 conv with bias, dilation = padding = d (no norm/act)."""
+
+  def __init__(self, cin, cout, d):
+    super().__init__()
+    self.conv = nn.Conv2d(cin, cout, 3, padding=d, dilation=d)
+
+  def forward(self, x):
+    return self.conv(x)
+
+
+class TorchDLV2Head(nn.Module):
+  """DeepLabV2 classifier on the last map: sum of dilated 3x3 convs (§1.3)."""
+
+  def __init__(self, cin, num_classes, dilations):
+    super().__init__()
+    self.aspp_modules = nn.ModuleList([TorchASPPConv(cin, num_classes, d) for d in dilations])
+
+  def forward(self, feats):
+    return sum(m(feats[-1]) for m in self.aspp_modules)
+
+
+class TorchDLV3PHead(nn.Module):
+  """mmseg DepthwiseSeparableASPPHead (DeepLabV3+), uda_reference.md §1.3.
+
+  [pool branch (global avg → 1x1 ConvModule → bilinear back), 1x1 ConvModule, separable dilated
+  branches] → concat → 3x3 bottleneck → bilinear to the stage-1 map → concat with the 1x1 c1
+  projection → two separable 3x3 ConvModules → conv_seg.
+  """
+
+  def __init__(self, cin, c1_in, channels, c1_channels, num_classes, dilations):
+    super().__init__()
+    self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), TorchConvModule(cin, channels, 1))
+    self.aspp_modules = nn.ModuleList(
+        [TorchConvModule(cin, channels, 1) if d == 1 else TorchSepConv(cin, channels, d)
+         for d in dilations])
+    self.bottleneck = TorchConvModule((len(dilations) + 1) * channels, channels, 3)
+    self.c1_bottleneck = TorchConvModule(c1_in, c1_channels, 1)
+    self.sep_bottleneck = nn.Sequential(TorchSepConv(channels + c1_channels, channels, 1),
+                                        TorchSepConv(channels, channels, 1))
+    self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+
+  def forward(self, feats):
+    x = feats[-1]
+    pool = F.interpolate(self.image_pool(x), size=x.shape[2:], mode="bilinear",
+                         align_corners=False)
+    y = self.bottleneck(torch.cat([pool] + [m(x) for m in self.aspp_modules], 1))
+    c1 = self.c1_bottleneck(feats[0])
+    y = F.interpolate(y, size=c1.shape[2:], mode="bilinear", align_corners=False)
+    return self.conv_seg(self.sep_bottleneck(torch.cat([y, c1], 1)))

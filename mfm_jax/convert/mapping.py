@@ -285,7 +285,8 @@ def torch_to_flax(state_dict: Mapping[str, Any], arch: str = "auto",
       target = abstract_variables(sd, arch)
     except ConversionError as e:
       raise ConversionError(f"arch={arch!r}: {e}{_hint(sd, arch)}") from None
-  want = {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(dict(target)).items()}
+  flat_target = flax.traverse_util.flatten_dict(dict(target))
+  want = {k: tuple(v.shape) for k, v in flat_target.items()}
   out, source, unexpected, shapes, bad = {}, {}, [], [], set()
   for name, array in sd.items():
     key = torch_name_to_flax(name)
@@ -302,6 +303,8 @@ def torch_to_flax(state_dict: Mapping[str, Any], arch: str = "auto",
       shapes.append(f"{name} {list(array.shape)} → {'/'.join(key)} wants {list(want[key])}")
       bad.add(key)
       continue
+    if np.issubdtype(value.dtype, np.floating):  # e.g. float64 files → the model's float32
+      value = value.astype(flat_target[key].dtype, copy=False)
     out[key], source[key] = value, name
   missing = sorted(flax_path_to_torch(k) for k in want if k not in out and k not in bad)
   if missing or unexpected or shapes:
