@@ -213,3 +213,13 @@ def test_eval_dataset_resizes_images_keeps_labels_and_shards(data_dir):
   assert len(limited) == 2
   _assert_same(list(limited), items[:2])
   _assert_same(list(limited), items[:2])  # re-iterable
+
+
+def test_benchmark_runs_on_a_tiny_fake_dataset(tmp_path):
+  from mfm_jax.data import benchmark  # pylint: disable=g-import-not-at-top
+  benchmark.write_fake_gta(str(tmp_path / "raw"), 3, (80, 44))
+  builders.prepare("gta5", str(tmp_path / "raw"), str(tmp_path / "tfds"))
+  row = benchmark.benchmark(str(tmp_path / "tfds"), 0, 2, crop=16, source_scale=(64, 36),
+                            target_scale=(64, 36), rcs_min_pixels=20)
+  assert row["workers"] == 0
+  assert row["source_images_per_s"] > 0 and row["train_steps_per_s"] > 0
