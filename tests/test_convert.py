@@ -121,7 +121,7 @@ def test_hrda_module_tree_matches_converter():
   model = hrda.build_segmentor(config)
   target = jax.eval_shape(lambda x: model.init(
       {"params": jax.random.key(0), "dropout": jax.random.key(0)}, x, train=False),
-      jax.ShapeDtypeStruct((1, 512, 512, 3), np.float32))
+      jax.ShapeDtypeStruct((1, 128, 128, 3), np.float32))
   variables = mapping.torch_to_flax(_tsv("statedict_hrda_daformer_mitb5.tsv"), "hrda")
   assert _shapes(variables) == _shapes(dict(target))
 

@@ -10,6 +10,7 @@ the default small init hides GELU/eps/layout mistakes. Errors are max|Δ| / max|
 """
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -337,3 +338,82 @@ class TorchDLV3PHead(nn.Module):
     c1 = self.c1_bottleneck(feats[0])
     y = F.interpolate(y, size=c1.shape[2:], mode="bilinear", align_corners=False)
     return self.conv_seg(self.sep_bottleneck(torch.cat([y, c1], 1)))
+
+
+@pytest.fixture
+def resnet(monkeypatch):
+  """mfm_jax.models.resnet with 'ResNet-50' shrunk to (2, 1, 2, 2) blocks (real widths)."""
+  module = pytest.importorskip("mfm_jax.models.resnet")
+  monkeypatch.setitem(module.STAGE_BLOCKS, 50, (2, 1, 2, 2))
+  return module
+
+
+def _hf_resnet_to_mmseg(hf_sd):
+  """transformers ResNetModel names → mmseg ResNet names (standard stem)."""
+  out = {}
+  for k, v in hf_sd.items():
+    k = re.sub(r"^embedder\.embedder\.convolution\.", "conv1.", k)
+    k = re.sub(r"^embedder\.embedder\.normalization\.", "bn1.", k)
+    k = re.sub(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.",
+               lambda m: f"layer{int(m.group(1)) + 1}.{m.group(2)}.", k)
+    k = re.sub(r"\.shortcut\.convolution\.", ".downsample.0.", k)
+    k = re.sub(r"\.shortcut\.normalization\.", ".downsample.1.", k)
+    k = re.sub(r"\.layer\.(\d)\.convolution\.", lambda m: f".conv{int(m.group(1)) + 1}.", k)
+    k = re.sub(r"\.layer\.(\d)\.normalization\.", lambda m: f".bn{int(m.group(1)) + 1}.", k)
+    out[k] = v.numpy()
+  return out
+
+
+def test_resnet_matches_transformers_resnet(resnet):
+  # downsample_in_bottleneck=False puts the stride on the 3x3 conv = mmseg 'pytorch' style.
+  cfg = transformers.ResNetConfig(
+      num_channels=3, embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[2, 1, 2, 2],
+      layer_type="bottleneck", hidden_act="relu", downsample_in_first_stage=False,
+      downsample_in_bottleneck=False)
+  hf = _randomize(transformers.ResNetModel(cfg), 4)
+  variables = mapping.torch_to_flax(_hf_resnet_to_mmseg(hf.state_dict()), "resnet")
+  model = resnet.ResNetV1c(depth=50, deep_stem=False, dilated=False)
+  got = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, _X)
+  with torch.no_grad():
+    want = hf(torch.from_numpy(_X).permute(0, 3, 1, 2), output_hidden_states=True).hidden_states
+  for i in range(4):
+    assert _rel_err(f"resnet_std_stem_stage{i + 1}", got[i], _nhwc(want[i + 1])) < TOL
+
+
+_X2 = np.random.default_rng(1).normal(size=(1, 128, 160, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("head_name", ["dlv2red", "dlv3p"])
+def test_deeplab_segmentor_matches_torch(resnet, head_name):
+  """Deep-stem dilated ResNetV1c (os 8) + DLV2 / DeepLabV3+ head vs the torch modules above."""
+  deeplab = pytest.importorskip("mfm_jax.models.deeplab")
+  backbone = _randomize(TorchResNetV1c((2, 1, 2, 2)), 5)
+  if head_name == "dlv2red":
+    head = _randomize(TorchDLV2Head(2048, 5, (6, 12)), 6)
+    flax_head, arch = deeplab.DLV2Head(num_classes=5, dilations=(6, 12)), "dlv2"
+  else:
+    head = _randomize(TorchDLV3PHead(2048, 256, 32, 8, 5, (1, 12, 24, 36)), 6)
+    flax_head, arch = deeplab.DeepLabV3PlusHead(num_classes=5, channels=32, c1_channels=8), "dlv3p"
+  sd = {f"backbone.{k}": v.numpy() for k, v in backbone.state_dict().items()}
+  sd.update({f"decode_head.{k}": v.numpy() for k, v in head.state_dict().items()})
+  assert mapping.detect_arch(sd) == arch
+  variables = mapping.torch_to_flax(sd, arch)
+  model = segmentor.EncoderDecoder(
+      backbone=resnet.ResNetV1c(depth=50, deep_stem=True, dilated=True), decode_head=flax_head)
+
+  @jax.jit
+  def forward(v, x):
+    feats = model.apply(v, x, train=False, method=model.encode)
+    return feats, model.apply(v, feats, train=False, method=model.decode)
+
+  feats, logits = forward(variables, _X2)
+  with torch.no_grad():
+    want_feats = backbone(torch.from_numpy(_X2).permute(0, 3, 1, 2))
+    want = _nhwc(head(want_feats))
+  for i in range(4):
+    assert _rel_err(f"resnetv1c_deep_dilated_stage{i + 1}", feats[i], _nhwc(want_feats[i])) < TOL
+  assert _rel_err(f"{head_name}_logits", logits, want) < TOL
+  back = mapping.flax_to_torch(variables, arch)
+  assert set(back) == set(sd)
+  for k, v in sd.items():
+    np.testing.assert_array_equal(back[k], v, err_msg=k)

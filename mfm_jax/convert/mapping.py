@@ -148,9 +148,10 @@ def mit_variant(sd: Mapping[str, Any], prefix: str = "") -> str | None:
 def _resnet_module(sd: Mapping[str, Any], p: str):
   from mfm_jax.models import resnet  # pylint: disable=g-import-not-at-top
   blocks = tuple(_blocks(sd, f"{p}layer{i}") for i in range(1, 5))
-  depth = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}.get(blocks)
+  depth = {tuple(v): k for k, v in resnet.STAGE_BLOCKS.items()}.get(blocks)
   if depth is None:
-    raise ConversionError(f"ResNet stage blocks {blocks} match no ResNet-50/101/152.")
+    raise ConversionError(f"ResNet stage blocks {blocks} match no depth of "
+                          f"resnet.STAGE_BLOCKS {dict(resnet.STAGE_BLOCKS)}.")
   deep_stem = f"{p}stem.0.weight" in sd
   # Dilation only changes the forward pass, never a parameter shape.
   return resnet.ResNetV1c(depth=depth, deep_stem=deep_stem, dilated=deep_stem)
@@ -174,7 +175,10 @@ def _head_module(sd: Mapping[str, Any], p: str, kind: str):
   from mfm_jax.models import deeplab  # pylint: disable=g-import-not-at-top
   if f"{p}c1_bottleneck.conv.weight" in sd:
     return deeplab.DeepLabV3PlusHead(
-        num_classes=_need(sd, f"{p}conv_seg.weight", "a DeepLabV3+ head")[0])
+        num_classes=_need(sd, f"{p}conv_seg.weight", "a DeepLabV3+ head")[0],
+        channels=_need(sd, f"{p}bottleneck.conv.weight", "a DeepLabV3+ head")[0],
+        c1_channels=sd[f"{p}c1_bottleneck.conv.weight"].shape[0],
+        dilations=(1, 12, 24, 36)[:_blocks(sd, f"{p}aspp_modules")])
   n = _blocks(sd, f"{p}aspp_modules")
   if n == 0:
     raise ConversionError(f"No decode head found under {p!r} (no embed_layers, c1_bottleneck "
