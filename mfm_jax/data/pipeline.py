@@ -232,6 +232,8 @@ def make_train_iterator(data_cfg, *, seed: int, process_index: int = 0, process_
   ``target_label`` i32 (255 where the target has no labels). ``num_steps=None``: endless.
   """
   batch = int(data_cfg.batch_size)
+  if int(seed) < 0:
+    raise ValueError(f"config.seed must be >= 0 (it seeds numpy generators), got {seed}.")
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
   if batch < 1 or batch % process_count:
@@ -254,10 +256,12 @@ def make_train_iterator(data_cfg, *, seed: int, process_index: int = 0, process_
                  np.array2string(sampler.probs, precision=4))
   maker = _BatchMaker(data_cfg, source, target, sampler, seed=int(seed),
                       process_index=process_index, local_batch=batch // process_count)
-  for split in (source, target):  # fail now, in the caller, if a split is unreadable or empty
-    if len(split.open()) == 0:
+  opened = tuple(split.open() for split in (source, target))  # fail now, in the caller
+  for split, src in zip((source, target), opened):
+    if len(src) == 0:
       raise ValueError(f"config.data {split.name!r} ({split.dataset}/{split.split} in "
                        f"{split.data_dir}) has no examples.")
+  maker._open = opened  # pylint: disable=protected-access  # in-process threads share these
   return TrainIterator(maker, num_steps=num_steps, num_workers=int(data_cfg.num_workers),
                        prefetch=int(data_cfg.prefetch))
 
