@@ -207,13 +207,17 @@ def test_hr_loss_uses_cropped_labels(tiny):
   outside_only = jnp.broadcast_to(jnp.where(inside[None], 0.0, 1.0), y.shape)
   np.testing.assert_allclose(loss_fn(y, outside_only), 0.0, atol=1e-7)
   # Default λ_d = 0.1: the loss equals 0.9·CE(fused, label) + 0.1·CE(HR, cropped label).
-  k_fwd = jax.random.split(rng)[1]
-  out, _ = host._run(variables, ops.resize_bilinear(x, (32, 32)), x[:, y1:y1 + 32, x1:x1 + 32],
-                     method="scales_forward", train=True, deterministic=False, rng=k_fwd)
-  fused = host.fused_train_logits(out, (y1, x1), (64, 64))
-  expected = 0.9 * losses.cross_entropy(fused, y) + 0.1 * losses.cross_entropy(
-      out["hr_logits"], y[:, y1:y1 + 32, x1:x1 + 32])
-  loss, feats, _ = host.forward_loss(variables, x, y, rng=rng)
+  def both(v):
+    k_fwd = jax.random.split(rng)[1]
+    out, _ = host._run(v, ops.resize_bilinear(x, (32, 32)), x[:, y1:y1 + 32, x1:x1 + 32],
+                       method="scales_forward", train=True, deterministic=False, rng=k_fwd)
+    fused = host.fused_train_logits(out, (y1, x1), (64, 64))
+    expected = 0.9 * losses.cross_entropy(fused, y) + 0.1 * losses.cross_entropy(
+        out["hr_logits"], y[:, y1:y1 + 32, x1:x1 + 32])
+    loss, feats, _ = host.forward_loss(v, x, y, rng=rng)
+    return expected, loss, feats
+
+  expected, loss, feats = jax.jit(both)(variables)
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   assert feats[0].shape == (2, 8, 8, 16)  # context features of the 32² LR image
 
@@ -249,7 +253,7 @@ def test_predict_single_window_equals_whole_image_forward(tiny):
   x, _ = _images(3)
   one_window = dataclasses.replace(host, hr_crop_size=(64, 64))
   logits, feats, _ = jax.jit(lambda v: one_window.predict(v, x, train=False))(variables)
-  whole = host.model.apply(variables, x, train=False)
+  whole = jax.jit(lambda v: host.model.apply(v, x, train=False))(variables)
   np.testing.assert_allclose(logits, ops.resize_bilinear(whole, (64, 64)), atol=1e-5)
   assert feats[-1].shape == (2, 1, 1, 128)
 
@@ -264,8 +268,8 @@ def test_predict_slide_shapes_and_teacher_mode(tiny):
   # 64² input, 32² windows, stride 16 → 3x3 windows; no-slide differs from sliding.
   assert len(hrda.slide_boxes(64, 64, (32, 32), (16, 16), 4)[0]) == 9
   whole = dataclasses.replace(host, hr_slide_inference=False)
-  logits_whole, _, _ = whole.predict(variables, x, train=False)
-  logits_eval, _, _ = host.predict(variables, x, train=False)
+  logits_whole, logits_eval = jax.jit(lambda v: (whole.predict(v, x, train=False)[0],
+                                                  host.predict(v, x, train=False)[0]))(variables)
   assert logits_whole.shape == logits_eval.shape
   assert not np.allclose(logits_whole, logits_eval)
 
