@@ -70,6 +70,10 @@ class SegmentationHost:
     loss, bs = self.decode_loss(variables, feats, labels, weights, rng=r_dec)
     return loss, feats, bs
 
+  def fd_encode(self, variables: Variables, images: jax.Array, *, train: bool = False):
+    """Encoder features for the ImageNet feature distance (HRDA: always the LR context)."""
+    return self.encode(variables, images, train=train, deterministic=True)
+
   def fd_features(self, features):
     """The encoder level the ImageNet feature distance compares (last stage, §2.5)."""
     return features[-1]

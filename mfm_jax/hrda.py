@@ -325,17 +325,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.model.hrda.mfm_features={hcfg.mfm_features!r}; choose one of "
                      f"{MFM_FEATURES}.")
   if hcfg.mfm_features == "detail" and config.mfm.enabled:
-    # Source features (from forward_loss), teacher features, pixel targets and the ImageNet FD
-    # features all come from the context branch / whole crop, so only the target
+    # Source features (from forward_loss), teacher features and pixel targets all come from
+    # the context branch / whole crop, so only the target
     # classification objective sees matching detail features and labels.
     if config.mfm.domain != "target" or config.mfm.objective != "classification":
       raise ValueError("config.model.hrda.mfm_features='detail' supports only "
                        "config.mfm.domain='target' with config.mfm.objective='classification' "
                        f"(got domain={config.mfm.domain!r}, objective={config.mfm.objective!r}).")
-    if config.uda.fd.enabled and config.uda.fd.weight > 0:
-      raise ValueError("config.model.hrda.mfm_features='detail' with config.uda.fd.enabled: "
-                       "the train step takes ImageNet features from host.encode, which then "
-                       "returns detail features; the FD needs host.fd_encode (context).")
 
 
 def build_segmentor(config: ml_collections.ConfigDict) -> HRDASegmentor:

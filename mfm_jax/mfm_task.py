@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mfm_jax import ops
 from mfm_jax.host import SegmentationHost
 from mfm_jax.models.rebuilder import Rebuilder
 from mfm_jax.uda import mfm
@@ -109,6 +110,7 @@ class MFMTask:
     else:  # 'pixel': MAE-style regression of per-cell normalised input pixels.
       if pixels is None:
         raise ValueError("config.mfm.objective='pixel' needs config.mfm.rebuild=True.")
-      target = mfm.patchify_targets(images, g)
+      # Cells of the image the encoder saw (HRDA context: the ×0.5 crop; else a no-op).
+      target = mfm.patchify_targets(ops.resize_bilinear(images, self.image_size), g)
       loss = mfm.pixel_regression_loss(pixels.astype(jnp.float32), target, cell)
     return loss, bs

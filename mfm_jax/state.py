@@ -67,8 +67,8 @@ def init_variables(config: ml_collections.ConfigDict, host: SegmentationHost,
   variables = host.model.init({"params": k_model, "dropout": k_model}, images, train=False)
   params = {"model": variables["params"]}
   if mfm_task is not None and mfm_task.has_params:
-    mh, mw = mfm_task.image_size
-    feats, _ = host.encode(variables, jnp.zeros((1, mh, mw, 3), jnp.float32), train=False)
+    # The same image size the train step passes to host.encode (HRDA halves it internally).
+    feats, _ = host.encode(variables, images, train=False)
     params["rebuilder"] = mfm_task.init(k_reb, feats)
   return {"params": params, "batch_stats": variables.get("batch_stats", {})}
 

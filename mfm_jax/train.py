@@ -78,7 +78,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh(config.mesh.data)
-  parallel.check_batch_size(config.data.batch_size, mesh)
   is_main = jax.process_index() == 0
   writer = metric_writers.MetricWriter(workdir, enabled=is_main)
   if is_main:
@@ -88,6 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   data_iter = pipeline.make_train_iterator(
       config.data, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
+  parallel.check_batch_size(config.data.batch_size, mesh)
   host = state_lib.build_host(config)
   mfm_task = state_lib.build_mfm_task(config)
   tx = state_lib.build_optimizer(config, host, mfm_task)
@@ -136,6 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if step == start:
         jax.block_until_ready(metrics)
         logging.info("First step (compile + run) took %.1fs.", time.time() - t_compile)
+        progress = metric_writers.Progress(config.num_steps, done)  # rate without compilation
       log_now = done % config.log_every == 0 or done == config.num_steps or step == start
       save_now = (done % config.checkpoint_every == 0 or done == config.num_steps
                   or sigterm.raised or done == stop_at)

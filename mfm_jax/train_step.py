@@ -103,7 +103,7 @@ def make_update_fn(config: ml_collections.ConfigDict, host: SegmentationHost,
       metrics["pseudo_weight"] = jnp.mean(pw)
     imnet_feats = None
     if use_fd:
-      imnet_feats, _ = host.encode(
+      imnet_feats, _ = host.fd_encode(
           _vars({"backbone": state.imnet_params}, state.imnet_batch_stats), src_img, train=False)
       imnet_feats = jax.lax.stop_gradient(host.fd_features(imnet_feats))
 
