@@ -114,6 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic.num_val = 60
   c.data.synthetic.width = 192
   c.data.synthetic.height = 96
+  c.data.synthetic.shift = 1.0  # domain-shift strength of the synthetic target (0 = none)
   c.data.folder = ml_collections.ConfigDict()
   c.data.folder.source_dir = ""
   c.data.folder.target_dir = ""
@@ -323,8 +324,41 @@ def validate(c: ml_collections.ConfigDict) -> None:
 PRESETS = dict(synthetic=False, synthia=False, oracle=False, steps=0, mfm=None, bf16=False)
 
 
+def set_hrda(c: ml_collections.ConfigDict) -> None:
+  """HRDA multi-resolution training at the reference HR scales (uda_reference.md §1.4, §3.2)."""
+  c.model.hrda.enabled = True
+  c.data.source_scale = (2560, 1440)  # GTA ×2; SYNTHIA (2560, 1520)
+  c.data.target_scale = (2048, 1024)
+  c.data.test_scale = (2048, 1024)
+  c.data.crop_size = (1024, 1024)  # outer crop; LR context = ×0.5, HR detail 512²
+  c.data.rcs.min_crop_ratio = 2.0
+  c.data.pseudo_margins = (30, 240, 30, 30)  # plcrop v2 at full Cityscapes resolution
+  c.uda.pseudo_ignore_top = 0
+  c.uda.pseudo_ignore_bottom = 0
+  c.uda.mic.block_size = 64  # 1024 crops
+  c.eval.mode = "slide"  # crop 1024, stride 512 over 2048×1024
+  c.eval.crop_size = (1024, 1024)
+  c.eval.stride = (512, 512)
+
+
+def set_synthetic_hrda(c: ml_collections.ConfigDict) -> None:
+  """HRDA on the synthetic benchmark: everything scaled down with the same ratios."""
+  c.data.crop_size = (96, 96)
+  c.model.hrda.hr_crop_size = (48, 48)
+  c.model.hrda.hr_slide_stride = (24, 24)
+  c.data.pseudo_margins = ()
+  c.uda.mic.block_size = 6  # 64 px at 1024 → 16 cells per side
+  c.mfm.grid_size = 4
+  c.eval.mode = "whole"  # the 192×96 image is HRDA-slid internally (48-px windows)
+  c.data.batch_size = 2
+  c.num_steps = 600
+  c.eval_every = 300
+  c.checkpoint_every = 300
+
+
 def experiment(method: str, mfm: bool, arg: str | None, *, backbone: str = "mit_b5",
-               head: str = "daformer_sepaspp") -> ml_collections.ConfigDict:
+               head: str = "daformer_sepaspp", hrda: bool = False
+               ) -> ml_collections.ConfigDict:
   """Builds a full experiment config; ``arg`` selects presets (see ``PRESETS``).
 
   Presets: ``synthetic`` (embedded CPU benchmark), ``synthia`` (SYNTHIA→Cityscapes),
@@ -337,11 +371,15 @@ def experiment(method: str, mfm: bool, arg: str | None, *, backbone: str = "mit_
   if head.startswith("dlv"):
     c.mfm.grid_size = 16
   set_method(c, method, mfm if p.mfm is None else p.mfm)
+  if hrda:
+    set_hrda(c)
   if p.synthia:
     c.data.source = "synthia"
-    c.data.source_scale = (1280, 760)  # §3.2
+    c.data.source_scale = (2560, 1520) if hrda else (1280, 760)  # §3.2
   if p.synthetic:
     set_synthetic(c)
+    if hrda:
+      set_synthetic_hrda(c)
   if p.oracle:
     # Train on the target's own labels (no adaptation): the target-oracle reference.
     c.data.source = c.data.target

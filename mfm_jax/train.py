@@ -116,7 +116,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   def run_eval(step: int) -> dict[str, Any]:
     t0 = time.time()
-    variables = state_lib.deployed_params(state, config.eval.which)
+    # Evaluation runs per process on its first local device (its own shard of the split), so
+    # processes with unequal shard sizes never wait for each other inside a computation.
+    variables = jax.tree_util.tree_map(lambda x: x.addressable_data(0),
+                                       state_lib.deployed_params(state, config.eval.which))
     batches = pipeline.make_eval_dataset(config.data, process_index=jax.process_index(),
                                          process_count=jax.process_count())
     report = inference.evaluate(config, host, variables, batches, predict_fn)
