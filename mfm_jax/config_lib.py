@@ -114,7 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic.num_val = 60
   c.data.synthetic.width = 192
   c.data.synthetic.height = 96
-  c.data.synthetic.shift = 1.0  # domain-shift strength of the synthetic target (0 = none)
+  # Domain-shift strength of the synthetic target (0 = none); 1.25 calibrated so source-only is
+  # ≥ 15 mIoU below the target oracle (README, "Synthetic benchmark").
+  c.data.synthetic.shift = 1.25
   c.data.folder = ml_collections.ConfigDict()
   c.data.folder.source_dir = ""
   c.data.folder.target_dir = ""

@@ -52,6 +52,25 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._old)
 
 
+class _FinishSavesOnError:
+  """On an exception, lets pending asynchronous checkpoint saves finalise before it propagates
+  (otherwise the last good checkpoint would be left as an unfinalised temporary directory)."""
+
+  def __init__(self, ckpt):
+    self.ckpt = ckpt
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, *exc):
+    if exc_type is not None:
+      try:
+        self.ckpt.wait()
+      except Exception:  # pylint: disable=broad-except
+        logging.exception("Waiting for pending checkpoint saves failed.")
+    return False
+
+
 def _write_json_atomic(path: str, obj: Any) -> None:
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
@@ -131,7 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   progress = metric_writers.Progress(config.num_steps, start)
   report = None
   t_compile = time.time()
-  with _SigtermFlag() as sigterm:
+  with _SigtermFlag() as sigterm, _FinishSavesOnError(ckpt):
     for step in range(start, config.num_steps):
       batch = parallel.shard_batch(next(data_iter), mesh)
       state, metrics = update(state, batch)

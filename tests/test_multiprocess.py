@@ -1,4 +1,8 @@
-"""Two local processes (jax.distributed on CPU) train like one process with the same global batch."""
+"""Two local processes (jax.distributed on CPU) train like one process with the same global batch.
+
+The source-only step keeps the three compilations cheap; that the full MIC + MFM step is
+sharding-invariant is tested in tests/test_parallel.py.
+"""
 
 import json
 import os
@@ -18,11 +22,12 @@ def _free_port():
 
 
 def _args(workdir, data_dir):
-  return [sys.executable, "-m", "mfm_jax.main", "--config=configs/mic_mfm.py:synthetic",
+  return [sys.executable, "-m", "mfm_jax.main", "--config=configs/source_only.py:synthetic",
           f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
           "--config.data.synthetic.num_source=12", "--config.data.synthetic.num_target=8",
           "--config.data.synthetic.num_val=4", "--config.num_steps=3", "--config.log_every=1",
-          "--config.eval_every=100", "--config.checkpoint_every=3"]
+          "--config.eval_every=100", "--config.checkpoint_every=3",
+          "--config.data.crop_size=(32,32)"]
 
 
 def _env(devices):

@@ -20,6 +20,11 @@ def small_config(**overrides):
   c.eval_every = 100
   c.checkpoint_every = 2
   c.keep_checkpoints = 3
+  # Small and on one device: multi-device equality is tests/test_parallel.py's job.
+  c.mesh.data = 1
+  c.data.crop_size = (32, 32)
+  c.uda.mic.block_size = 2
+  c.mfm.grid_size = 4
   for k, v in overrides.items():
     node = c
     *parents, leaf = k.split(".")
@@ -111,3 +116,19 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir, monkeypatch):
   out = train.train_and_evaluate(small_config(**{"data.data_dir": data_dir}), work)
   assert out == {"stopped_at": 1}
   assert checkpoint.Checkpointer(os.path.join(work, "checkpoints")).latest_step() == 1
+
+
+def test_hrda_mic_mfm_synthetic_trains(tmp_path, data_dir):
+  """configs/mic_mfm.py (MIC(HRDA) + MFM) trains end to end on the synthetic preset."""
+  c = config_lib.experiment("mic", True, "synthetic", hrda=True)
+  assert c.model.hrda.enabled and c.mfm.enabled and c.uda.mic.enabled
+  c.data.data_dir = data_dir
+  c.data.synthetic.num_source, c.data.synthetic.num_target = 12, 8
+  c.data.synthetic.num_val = 2
+  c.mesh.data = 1
+  c.num_steps, c.log_every, c.checkpoint_every = 2, 1, 2
+  report = train.train_and_evaluate(c, str(tmp_path / "hrda"))
+  assert 0.0 <= report["mIoU"] <= 100.0
+  lines = [json.loads(l) for l in open(tmp_path / "hrda" / "metrics.jsonl")]
+  assert all(np.isfinite(l["loss/total"]) for l in lines if "loss/total" in l)
+  assert {"loss/mic_ce", "loss/mfm_target", "loss/fd"} <= set().union(*lines)
