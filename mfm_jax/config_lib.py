@@ -353,9 +353,9 @@ def set_synthetic_hrda(c: ml_collections.ConfigDict) -> None:
   c.mfm.grid_size = 4
   c.eval.mode = "whole"  # the 192×96 image is HRDA-slid internally (48-px windows)
   c.data.batch_size = 2
-  c.num_steps = 600
-  c.eval_every = 300
-  c.checkpoint_every = 300
+  c.num_steps = 1000
+  c.eval_every = 500
+  c.checkpoint_every = 500
 
 
 def experiment(method: str, mfm: bool, arg: str | None, *, backbone: str = "mit_b5",

@@ -124,7 +124,7 @@ def test_hrda_mic_mfm_synthetic_trains(tmp_path, data_dir):
   assert c.model.hrda.enabled and c.mfm.enabled and c.uda.mic.enabled
   c.data.data_dir = data_dir
   c.data.synthetic.num_source, c.data.synthetic.num_target = 12, 8
-  c.data.synthetic.num_val = 2
+  c.data.synthetic.num_val = 4
   c.mesh.data = 1
   c.num_steps, c.log_every, c.checkpoint_every = 2, 1, 2
   report = train.train_and_evaluate(c, str(tmp_path / "hrda"))
