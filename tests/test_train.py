@@ -65,6 +65,22 @@ def test_train_resume_equals_uninterrupted(tmp_path, data_dir):
   a, b = _params(full, 4), _params(part, 4)
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
+  # Checkpoint evaluation: the trained Orbax checkpoint reproduces the run's own final report;
+  # exported to a reference-named .pth and read back, it gives the same numbers again.
+  from mfm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from mfm_jax.convert import cli  # pylint: disable=g-import-not-at-top
+  cfg = small_config(**{"data.data_dir": data_dir})
+  ckpt_dir = os.path.join(full, "checkpoints")
+  ev = evaluate.evaluate_checkpoint(cfg, ckpt_dir)
+  assert ev["mIoU"] == pytest.approx(report["mIoU"], abs=1e-9)
+  assert os.path.isfile(ckpt_dir + ".eval_student_whole.json")
+  pth = str(tmp_path / "exported.pth")
+  cli.export_to_torch(ckpt_dir, pth, arch="daformer")
+  ev_pth = evaluate.evaluate_checkpoint(cfg, pth)
+  assert ev_pth["mIoU"] == pytest.approx(report["mIoU"], abs=1e-9)
+  teacher = evaluate.evaluate_checkpoint(cfg, ckpt_dir, which="teacher")
+  assert 0.0 <= teacher["mIoU"] <= 100.0
+
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, data_dir, monkeypatch):
   from mfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -132,3 +148,19 @@ def test_hrda_mic_mfm_synthetic_trains(tmp_path, data_dir):
   lines = [json.loads(l) for l in open(tmp_path / "hrda" / "metrics.jsonl")]
   assert all(np.isfinite(l["loss/total"]) for l in lines if "loss/total" in l)
   assert {"loss/mic_ce", "loss/mfm_target", "loss/fd"} <= set().union(*lines)
+
+
+def test_trains_on_prepared_gta5_and_cityscapes_folders(tmp_path, data_dir):
+  """The real dataset names (gta5 → cityscapes) on raw folders prepared with the CLI path."""
+  from mfm_jax.data import builders, synthetic  # pylint: disable=g-import-not-at-top
+  c = small_config(**{"data.data_dir": data_dir})
+  synthetic.ensure_synthetic(c.data)
+  raw = os.path.join(builders.raw_root(c.data), "synthetic", synthetic.synthetic_key(c.data))
+  assert os.path.isdir(os.path.join(raw, "gta5", "images")), raw
+  real = str(tmp_path / "prepared")
+  builders.prepare("gta5", os.path.join(raw, "gta5"), real)
+  builders.prepare("cityscapes", os.path.join(raw, "cityscapes"), real)
+  c = small_config(**{"data.data_dir": real, "data.source": "gta5",
+                      "data.target": "cityscapes", "num_steps": 4})
+  report = train.train_and_evaluate(c, str(tmp_path / "real"))
+  assert 0.0 <= report["mIoU"] <= 100.0
