@@ -92,6 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.source_scale = (1280, 720)  # (w, h) keep-ratio resize, GTA (§3.2)
   c.data.target_scale = (1024, 512)  # Cityscapes (§3.2)
   c.data.test_scale = (1024, 512)  # §3.3
+  # Read the training splits from copies prepared at source_scale / target_scale
+  # (`prepare --scale=WxH`): ~2x less decode work per GTA image, data tied to that scale.
+  # Evaluation always reads the full-resolution labels.
+  c.data.prepared_scale = False
   c.data.crop_size = (512, 512)  # (h, w)
   c.data.cat_max_ratio = 0.75  # source RandomCrop (§3.2)
   c.data.flip_prob = 0.5

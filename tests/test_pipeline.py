@@ -184,6 +184,27 @@ def test_worker_processes_give_the_same_batches(data_dir):
     it.close()
 
 
+def test_prepared_scale_reads_pre_resized_copies_with_the_same_stream(data_dir):
+  cfg = data_config(data_dir, prepared_scale=True, **{"rcs.enabled": True})
+  with pytest.raises(builders.DatasetNotPreparedError, match="--scale=64x36"):
+    pipeline.make_train_iterator(cfg, seed=7)
+  root = os.path.dirname(data_dir)
+  builders.prepare("gta5", f"{root}/raw/gta", data_dir, scale=(64, 36))
+  builders.prepare("cityscapes", f"{root}/raw/cs", data_dir, scale=(64, 32))
+  full = _take(pipeline.make_train_iterator(data_config(data_dir, **{"rcs.enabled": True}),
+                                            seed=7), 3)
+  pre = _take(pipeline.make_train_iterator(cfg, seed=7), 3)
+  # Same files, crops and flips (RCS statistics are the original-resolution counts); the
+  # images differ only by the rounding of the resize done at prepare time.
+  for a, b in zip(full, pre):
+    assert a.keys() == b.keys()
+    for k in a:
+      if "image" in k:
+        assert np.abs(a[k] - b[k]).max() < 0.05, k  # normalised units (1/255 / std ≈ 0.017)
+      else:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def test_config_errors_are_clear(data_dir):
   with pytest.raises(ValueError, match="crop_size"):
     next(pipeline.make_train_iterator(data_config(data_dir, crop_size=(24,)), seed=0))

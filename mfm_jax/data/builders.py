@@ -472,6 +472,7 @@ class ResolvedDataset:
   dataset: str
   data_dir: str
   splits: Mapping[str, str]
+  scale: tuple[int, int] | None = None  # the pre-resized copy to read (None = full resolution)
 
 
 def data_root(data_cfg) -> str:
@@ -486,7 +487,8 @@ def raw_root(data_cfg) -> str:
                                             os.path.join(data_root(data_cfg), "raw")))
 
 
-def resolve(name: str, data_cfg, *, prepare_missing: bool = True) -> ResolvedDataset:
+def resolve(name: str, data_cfg, *, prepare_missing: bool = True,
+            scale: tuple[int, int] | None = None) -> ResolvedDataset:
   """Maps a ``config.data.source/target`` name to a prepared dataset.
 
   * 'gta5' | 'synthia' | 'cityscapes': prepared with the CLI into ``data_root(data_cfg)``
@@ -496,20 +498,27 @@ def resolve(name: str, data_cfg, *, prepare_missing: bool = True) -> ResolvedDat
   * 'folder_source' | 'folder_target': ``config.data.folder.{source,target}_dir`` prepared
     with ``config.data.folder.label_map`` into ``<data_root>/folder/<name>-<hash>`` on first use.
 
+  ``scale = (w, h)`` selects the copy pre-resized to that scale (``prepare --scale``); the
+  generated/folder datasets get it prepared on first use as well.
   With ``prepare_missing=False`` nothing is generated or prepared (paths only).
   """
+  scale = None if scale is None else tuple(int(v) for v in scale)
   train_val = {"train": "train", "val": "val"}
   if name in ("gta5", "synthia"):
-    return ResolvedDataset(name, data_root(data_cfg), {"train": "train"})
+    return ResolvedDataset(name, data_root(data_cfg), {"train": "train"}, scale)
   if name == "cityscapes":
-    return ResolvedDataset(name, data_root(data_cfg), train_val)
+    return ResolvedDataset(name, data_root(data_cfg), train_val, scale)
   if name in ("synthetic_source", "synthetic_target"):
     from mfm_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     data_dir = (synthetic.ensure_synthetic(data_cfg) if prepare_missing
                 else synthetic.synthetic_data_dir(data_cfg))
+    dataset = "gta5" if name == "synthetic_source" else "cityscapes"
+    if scale is not None and prepare_missing:
+      raw = os.path.join(raw_root(data_cfg), "synthetic", synthetic.synthetic_key(data_cfg))
+      prepare(dataset, os.path.join(raw, dataset), data_dir, scale=scale)
     if name == "synthetic_source":
-      return ResolvedDataset("gta5", data_dir, {"train": "train"})
-    return ResolvedDataset("cityscapes", data_dir, train_val)
+      return ResolvedDataset(dataset, data_dir, {"train": "train"}, scale)
+    return ResolvedDataset(dataset, data_dir, train_val, scale)
   if name in ("folder_source", "folder_target"):
     key = "source_dir" if name == "folder_source" else "target_dir"
     raw = data_cfg.folder[key]
@@ -521,10 +530,12 @@ def resolve(name: str, data_cfg, *, prepare_missing: bool = True) -> ResolvedDat
                             f"{os.path.basename(raw)}-{_source_key(raw, label_map)}")
     if prepare_missing:
       prepare("folder", raw, data_dir, label_map=label_map)
+      if scale is not None:
+        prepare("folder", raw, data_dir, label_map=label_map, scale=scale)
     splits = {"train": "train"}
     path = dataset_path("folder", data_dir)
     if os.path.isfile(os.path.join(path, "metadata.json")):
       if "class_pixels/val" in _read_metadata(path):
         splits["val"] = "val"
-    return ResolvedDataset("folder", data_dir, splits)
+    return ResolvedDataset("folder", data_dir, splits, scale)
   raise ValueError(f"Unknown dataset name {name!r}; expected one of {RESOLVABLE}.")

@@ -54,18 +54,25 @@ class _Split:
   dataset: str
   split: str
   data_dir: str
+  scale: tuple[int, int] | None = None  # pre-resized copy (config.data.prepared_scale)
 
   def open(self):
-    return builders.open_split(self.dataset, self.split, self.data_dir)
+    return builders.open_split(self.dataset, self.split, self.data_dir, scale=self.scale)
 
 
 def _resolve(name: str, data_cfg, role: str, key: str) -> _Split:
   # resolve() generates/prepares 'synthetic_*' (ensure_synthetic) and 'folder_*' on first use.
-  resolved = builders.resolve(name, data_cfg)
+  # With config.data.prepared_scale the training splits are read from the copies prepared at
+  # the training scale (``prepare --scale``); the keep-ratio resize is then the identity.
+  scale = None
+  if data_cfg.get("prepared_scale", False):
+    scale = _pair(data_cfg[f"{key}_scale"], f"{key}_scale")
+  resolved = builders.resolve(name, data_cfg, scale=scale)
   if role not in resolved.splits:
     raise ValueError(f"config.data.{key}={name!r} has no {role!r} split (it has "
                      f"{sorted(resolved.splits)}).")
-  return _Split(name, resolved.dataset, resolved.splits[role], resolved.data_dir)
+  return _Split(name, resolved.dataset, resolved.splits[role], resolved.data_dir,
+                resolved.scale)
 
 
 def _eval_split(data_cfg) -> _Split:
@@ -249,7 +256,8 @@ def make_train_iterator(data_cfg, *, seed: int, process_index: int = 0, process_
   target = _resolve(data_cfg.target, data_cfg, "train", "target")
   sampler = None
   if data_cfg.rcs.enabled:
-    stats = builders.load_class_stats(source.dataset, source.split, source.data_dir)
+    stats = builders.load_class_stats(source.dataset, source.split, source.data_dir,
+                                      scale=source.scale)  # counted at original resolution
     sampler = rcs_lib.RareClassSampler(stats, float(data_cfg.rcs.temperature),
                                        int(data_cfg.rcs.min_pixels))
     logging.info("RCS class probabilities (%s): %s", data_cfg.source,
