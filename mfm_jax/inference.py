@@ -20,7 +20,7 @@ from mfm_jax.data import labels as labels_lib
 
 
 def make_predict_fn(config: ml_collections.ConfigDict, host) -> Callable[..., jax.Array]:
-  """Returns jitted ``predict(variables, image [1,h,w,3], label_size) -> int32 [1,H,W]``."""
+  """Returns jitted ``predict(variables, image [B,h,w,3], label_size) -> int32 [B,H,W]``."""
   mode = config.eval.mode
   k = config.model.num_classes
 

@@ -274,6 +274,21 @@ def test_predict_slide_shapes_and_teacher_mode(tiny):
   assert not np.allclose(logits_whole, logits_eval)
 
 
+def test_batched_evaluation_predicts_each_image_as_alone(tiny):
+  """eval_batch_size: HRDA slide inference of a batch equals image-by-image inference."""
+  from mfm_jax import inference  # pylint: disable=g-import-not-at-top
+  host, variables = tiny
+  config = _config()
+  config.eval.mode, config.eval.crop_size, config.eval.stride = "slide", (48, 48), (32, 32)
+  predict = inference.make_predict_fn(config, host)
+  x, _ = _images(5, b=3, size=80)
+  batched = np.asarray(predict(variables, x, (100, 100)))
+  single = np.concatenate([np.asarray(predict(variables, x[i:i + 1], (100, 100)))
+                           for i in range(3)])
+  assert batched.shape == (3, 100, 100)
+  np.testing.assert_array_equal(batched, single)
+
+
 # ------------------------------------------------------------------ MFM hooks and builders
 
 def test_mfm_encode_decode_context_and_detail(tiny):

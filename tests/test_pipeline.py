@@ -234,6 +234,11 @@ def test_eval_dataset_resizes_images_keeps_labels_and_shards(data_dir):
   assert len(limited) == 2
   _assert_same(list(limited), items[:2])
   _assert_same(list(limited), items[:2])  # re-iterable
+  batched = list(pipeline.make_eval_dataset(data_config(data_dir, eval_batch_size=2)))
+  assert [b["image"].shape[0] for b in batched] == [2, 1]  # every image exactly once
+  for k in ("image", "label"):
+    np.testing.assert_array_equal(np.concatenate([b[k] for b in batched]),
+                                  np.concatenate([x[k] for x in items]))
 
 
 def test_benchmark_runs_on_a_tiny_fake_dataset(tmp_path):

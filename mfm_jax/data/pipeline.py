@@ -275,10 +275,19 @@ def make_train_iterator(data_cfg, *, seed: int, process_index: int = 0, process_
 
 
 class EvalDataset:
-  """Iterable (re-iterable) of ``{'image' f32 [1,h,w,3], 'label' i32 [1,H0,W0]}``."""
+  """Iterable (re-iterable) of ``{'image' f32 [b,h,w,3], 'label' i32 [b,H0,W0]}``.
 
-  def __init__(self, split: _Split, indices: np.ndarray, test_scale: tuple[int, int]):
+  Consecutive images of the same size are stacked up to ``batch_size`` (Cityscapes val is one
+  size throughout); a size change or the end of the split closes a batch early, so every image
+  is evaluated exactly once whatever the batch size.
+  """
+
+  def __init__(self, split: _Split, indices: np.ndarray, test_scale: tuple[int, int],
+               batch_size: int = 1):
+    if int(batch_size) < 1:
+      raise ValueError(f"config.data.eval_batch_size must be >= 1, got {batch_size}.")
     self.split, self.indices, self.test_scale = split, indices, test_scale
+    self.batch_size = int(batch_size)
     self._source = None
 
   def __len__(self) -> int:
@@ -296,14 +305,27 @@ class EvalDataset:
     if self._source is None:
       self._source = self.split.open()
     ds = grain.MapDataset.source(list(self.indices)).map(self._example)
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
+    examples = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
+    return examples if self.batch_size == 1 else self._stack(examples)
+
+  def _stack(self, examples) -> Iterator[dict[str, np.ndarray]]:
+    group = []
+    for ex in examples:
+      if group and (len(group) == self.batch_size or any(
+          ex[k].shape != group[0][k].shape for k in ("image", "label"))):
+        yield {k: np.concatenate([g[k] for g in group]) for k in ("image", "label")}
+        group = []
+      group.append(ex)
+    if group:
+      yield {k: np.concatenate([g[k] for g in group]) for k in ("image", "label")}
 
 
 def make_eval_dataset(data_cfg, *, process_index: int = 0,
                       process_count: int = 1) -> EvalDataset:
   """The target's ``eval_split`` at ``test_scale`` (§3.3), sharded ``p::P`` by process.
 
-  ``data_cfg.max_eval_images > 0`` keeps the first that many images (before sharding).
+  ``data_cfg.max_eval_images > 0`` keeps the first that many images (before sharding);
+  ``data_cfg.eval_batch_size`` images of one size are predicted together.
   Labels stay at their ORIGINAL resolution (predictions are resized to them).
   """
   if process_count < 1 or not 0 <= process_index < process_count:
@@ -313,4 +335,5 @@ def make_eval_dataset(data_cfg, *, process_index: int = 0,
   if data_cfg.max_eval_images > 0:
     n = min(n, int(data_cfg.max_eval_images))
   indices = np.arange(n)[process_index::process_count]
-  return EvalDataset(split, indices, _pair(data_cfg.test_scale, "test_scale"))
+  return EvalDataset(split, indices, _pair(data_cfg.test_scale, "test_scale"),
+                     int(data_cfg.get("eval_batch_size", 1)))
