@@ -104,7 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.prefetch = 2
   c.data.pseudo_margins = ()  # plcrop v2 (top, bottom, left, right) at full target res; () = off
   c.data.eval_split = "val"
-  c.data.eval_batch_size = 1  # images predicted together (same-size images are stacked; the reference uses 1)
+  # Images predicted together (consecutive same-size images are stacked; the reference uses 1).
+  c.data.eval_batch_size = 1
   c.data.max_eval_images = 0  # 0 = the whole split
   c.data.rcs = ml_collections.ConfigDict()
   c.data.rcs.enabled = True  # Rare Class Sampling (§2.5)
