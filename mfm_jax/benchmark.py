@@ -38,6 +38,9 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _TORCH = flags.DEFINE_bool("torch", False, "Also time a PyTorch SegFormer training step.")
 _JSON = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Compile the step and report XLA's memory and FLOP figures without "
+    "running it (e.g. the full-size model's memory on a CPU machine).")
 
 # Dense peak TFLOP/s by device kind (vendor data sheets; SXM parts).
 _PEAK_TFLOPS = {
@@ -93,6 +96,13 @@ def time_step(config, steps: int, warmup: int) -> dict[str, Any]:
   t0 = time.perf_counter()
   compiled = update.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
+  out = {"compile_s": compile_s, "xla_temp_gib": temp / 2**30 if temp is not None else None,
+         "xla_step_flops": _cost_flops(compiled) * mesh.devices.size,
+         "devices": mesh.devices.size, "step_s": None, "peak_gib": None}
+  if steps <= 0:  # compile only
+    return out
   for _ in range(warmup):
     state, m = compiled(state, batch)
   jax.block_until_ready(m)
@@ -102,16 +112,11 @@ def time_step(config, steps: int, warmup: int) -> dict[str, Any]:
     state, m = compiled(state, batch)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
-  peak = None
+  out["step_s"] = statistics.median(times)
   stats = jax.local_devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
-    peak = stats["peak_bytes_in_use"] / 2**30
-  mem = compiled.memory_analysis()
-  temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
-  return {"compile_s": compile_s, "step_s": statistics.median(times),
-          "xla_temp_gib": temp / 2**30 if temp is not None else None,
-          "xla_step_flops": _cost_flops(compiled) * mesh.devices.size, "peak_gib": peak,
-          "devices": mesh.devices.size}
+    out["peak_gib"] = stats["peak_bytes_in_use"] / 2**30
+  return out
 
 
 def analytic_step_flops(config, forward_flops: float) -> float:
@@ -189,8 +194,10 @@ def run(config, steps: int, warmup: int, with_torch: bool) -> dict[str, Any]:
                            and d_with["params"] == d_without["params"]
                            and d_with["forward_flops"] == d_without["forward_flops"])
   out.update(time_step(config, steps, warmup))
-  out["images_per_s"] = 2 * config.data.batch_size / out["step_s"]
   out["analytic_step_tflops"] = analytic_step_flops(config, d_with["forward_flops"]) / 1e12
+  if out["step_s"] is None:  # compile only
+    return out
+  out["images_per_s"] = 2 * config.data.batch_size / out["step_s"]
   out["achieved_tflops_s"] = out["analytic_step_tflops"] / out["step_s"]
   kind = next((k for k in ("H100", "H200", "A100") if k in device.device_kind), None)
   peak = _PEAK_TFLOPS.get((kind, config.model.compute_dtype)) if kind else None
@@ -206,7 +213,8 @@ def run(config, steps: int, warmup: int, with_torch: bool) -> dict[str, Any]:
 
 def main(argv):
   del argv
-  out = run(_CONFIG.value, _STEPS.value, _WARMUP.value, _TORCH.value)
+  steps = 0 if _COMPILE_ONLY.value else _STEPS.value
+  out = run(_CONFIG.value, steps, _WARMUP.value, _TORCH.value and steps > 0)
   width = max(len(k) for k in out)
   for k, v in out.items():
     v = f"{v:.4g}" if isinstance(v, float) else v

@@ -85,3 +85,21 @@ def test_deployed_network_equal_with_and_without_mfm(preset):
   assert a["tree"] == b["tree"]
   assert a["params"] == b["params"] > 0
   assert a["forward_flops"] == b["forward_flops"] > 0
+
+
+def test_benchmark_prints_its_figures_on_cpu():
+  """benchmark.run on a tiny MIC(DAFormer)+MFM step, with the PyTorch SegFormer comparison."""
+  c = _config()
+  out = benchmark.run(c, steps=2, warmup=1, with_torch=True)
+  assert out["deployed_equal"] and out["devices"] == jax.device_count()
+  for key in ("compile_s", "step_s", "images_per_s", "xla_temp_gib", "xla_step_flops",
+              "analytic_step_tflops", "achieved_tflops_s", "jax_supervised_step_s",
+              "torch_step_s", "torch_over_jax_supervised"):
+    assert out[key] > 0, key
+  assert out["images_per_s"] == pytest.approx(2 * c.data.batch_size / out["step_s"])
+  assert out["mfu"] is None  # no known peak for CPUs
+  # Analytic count: source, ClassMix, MIC and MFM training passes (3F each) + the EMA teacher
+  # and the ImageNet feature-distance encoder (F each) = 14F per image pair.
+  assert c.uda.fd.enabled
+  f = benchmark.deployed_figures(c)["forward_flops"]
+  assert out["analytic_step_tflops"] * 1e12 == pytest.approx(14 * f * c.data.batch_size)
