@@ -115,6 +115,35 @@ def test_mit_matches_transformers_segformer():
     assert _rel_err(f"mit_stage{i + 1}", got, ref) < TOL
 
 
+def _to_transformers4_names(name):
+  """transformers 5.x SegFormer names → 4.x names (the layout of hub checkpoints)."""
+  rules = [(r"^stages\.(\d+)\.patch_embeddings\.", r"encoder.patch_embeddings.\1."),
+           (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"encoder.block.\1.\2."),
+           (r"^stages\.(\d+)\.layer_norm\.", r"encoder.layer_norm.\1."),
+           (r"layernorm_before", "layer_norm_1"), (r"layernorm_after", "layer_norm_2"),
+           (r"attention\.q_proj", "attention.self.query"),
+           (r"attention\.k_proj", "attention.self.key"),
+           (r"attention\.v_proj", "attention.self.value"),
+           (r"attention\.o_proj", "attention.output.dense"),
+           (r"attention\.sequence_reduction\.sequence_reduction", "attention.self.sr"),
+           (r"attention\.sequence_reduction\.layer_norm", "attention.self.layer_norm"),
+           (r"mlp\.fc1", "mlp.dense1"), (r"mlp\.fc2", "mlp.dense2")]
+  for pattern, repl in rules:
+    name = re.sub(pattern, repl, name)
+  return "segformer." + name
+
+
+def test_transformers4_names_convert_like_transformers5_names():
+  sd5 = {k: v.numpy() for k, v in _hf_segformer(5).state_dict().items()}
+  sd4 = {_to_transformers4_names(k): v for k, v in sd5.items()}
+  assert "segformer.encoder.block.0.0.attention.self.key.weight" in sd4
+  a, b = mapping.hf_segformer_to_reference(sd5), mapping.hf_segformer_to_reference(sd4)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  mapping.torch_to_flax(b, "mit_tiny", target=_abstract(_FLAX_MIT, _X))  # strict: all used
+
+
 def test_transformers_layernorm_eps_vs_reference():
   # Finding: transformers builds all SegFormer LayerNorms with eps 1e-5; the reference (and
   # mfm_jax, see test_models.test_exact_gelu_and_layernorm_eps) uses 1e-6 for block norm1/norm2

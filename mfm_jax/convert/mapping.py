@@ -362,7 +362,7 @@ def summarize(tree: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- Hugging Face SegFormer names
 
-# transformers 5.x ``SegformerModel`` names → reference MiT names (§1.1). HF keeps k and v as two
+# transformers ``SegformerModel`` names (5.x and 4.x) → reference MiT names (§1.1). HF keeps k and v as two
 # Linear layers; the reference fuses them as kv = [k | v] along the output axis.
 _HF_SEGFORMER_RULES = [
     (r"stages\.(\d+)\.patch_embeddings\.proj\.", "patch_embed{s}.proj."),
@@ -377,7 +377,22 @@ _HF_SEGFORMER_RULES = [
      "block{s}.{b}.attn.norm."),
     (r"stages\.(\d+)\.blocks\.(\d+)\.mlp\.", "block{s}.{b}.mlp."),
     (r"stages\.(\d+)\.layer_norm\.", "norm{s}."),
+    # transformers 4.x names (also the layout of the SegFormer checkpoints on the HF hub).
+    (r"encoder\.patch_embeddings\.(\d+)\.proj\.", "patch_embed{s}.proj."),
+    (r"encoder\.patch_embeddings\.(\d+)\.layer_norm\.", "patch_embed{s}.norm."),
+    (r"encoder\.block\.(\d+)\.(\d+)\.layer_norm_1\.", "block{s}.{b}.norm1."),
+    (r"encoder\.block\.(\d+)\.(\d+)\.layer_norm_2\.", "block{s}.{b}.norm2."),
+    (r"encoder\.block\.(\d+)\.(\d+)\.attention\.self\.query\.", "block{s}.{b}.attn.q."),
+    (r"encoder\.block\.(\d+)\.(\d+)\.attention\.output\.dense\.", "block{s}.{b}.attn.proj."),
+    (r"encoder\.block\.(\d+)\.(\d+)\.attention\.self\.sr\.", "block{s}.{b}.attn.sr."),
+    (r"encoder\.block\.(\d+)\.(\d+)\.attention\.self\.layer_norm\.", "block{s}.{b}.attn.norm."),
+    (r"encoder\.block\.(\d+)\.(\d+)\.mlp\.dense1\.", "block{s}.{b}.mlp.fc1."),
+    (r"encoder\.block\.(\d+)\.(\d+)\.mlp\.dense2\.", "block{s}.{b}.mlp.fc2."),
+    (r"encoder\.block\.(\d+)\.(\d+)\.mlp\.", "block{s}.{b}.mlp."),
+    (r"encoder\.layer_norm\.(\d+)\.", "norm{s}."),
 ]
+_HF_KV = (r"(?:stages\.(\d+)\.blocks\.(\d+)\.attention\.([kv])_proj|"
+          r"encoder\.block\.(\d+)\.(\d+)\.attention\.self\.(key|value))\.(weight|bias)$")
 
 
 def hf_segformer_to_reference(hf_state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -391,10 +406,11 @@ def hf_segformer_to_reference(hf_state_dict: Mapping[str, Any]) -> dict[str, np.
         for k, v in hf_state_dict.items()}
   out, kv, unknown = {}, {}, []
   for name, value in sd.items():
-    m = re.match(r"stages\.(\d+)\.blocks\.(\d+)\.attention\.([kv])_proj\.(weight|bias)$", name)
+    m = re.match(_HF_KV, name)
     if m:
-      s, b, which, leaf = m.groups()
-      kv.setdefault(f"block{int(s) + 1}.{b}.attn.kv.{leaf}", {})[which] = value
+      g = m.groups()
+      s, b, which = (g[0], g[1], g[2]) if g[0] is not None else (g[3], g[4], g[5][0])
+      kv.setdefault(f"block{int(s) + 1}.{b}.attn.kv.{g[6]}", {})[which] = value
       continue
     for pattern, repl in _HF_SEGFORMER_RULES:
       m = re.match(pattern, name)
