@@ -8,7 +8,8 @@ count, achieved TFLOP/s and MFU; the parameters and FLOPs of the deployed networ
 without MFM (equal: the Rebuilder is discarded); and, with ``--torch``, the time of a PyTorch
 training step of a comparable network (transformers' SegFormer: same MiT encoder, its all-MLP
 head, CE loss, forward + backward + AdamW, same crop and batch) next to our supervised-only
-step (source CE on the same batch), with their ratio.
+step (source CE on the same batch), with their ratio. ``--depthwise`` times every depthwise
+conv shape of the model in both formulations (``config.model.depthwise_impl``).
 
 Analytic FLOPs (documented): F = forward FLOPs of the deployed segmentor for one image
 (XLA cost analysis of the inference forward). A training pass costs 3F (forward + backward),
@@ -38,6 +39,10 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _TORCH = flags.DEFINE_bool("torch", False, "Also time a PyTorch SegFormer training step.")
 _JSON = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
+_DEPTHWISE = flags.DEFINE_bool(
+    "depthwise", False, "Also time every depthwise conv shape of the model (forward + backward, "
+    "batch 2+2) in both formulations of config.model.depthwise_impl ('xla' grouped conv vs "
+    "'shift' multiply-adds).")
 _COMPILE_ONLY = flags.DEFINE_bool(
     "compile_only", False, "Compile the step and report XLA's memory and FLOP figures without "
     "running it (e.g. the full-size model's memory on a CPU machine).")
@@ -175,6 +180,53 @@ def torch_segformer_step(config, steps: int, warmup: int) -> dict[str, Any]:
           "torch_params": sum(p.numel() for p in model.parameters())}
 
 
+def depthwise_shapes(config) -> list[tuple[int, int, int, int]]:
+  """(H, W, C, dilation) of the model's depthwise convs at the configured crop (MiT Mix-FFN
+  3x3 per stage; the separable ASPP's dilated 3x3 on the stride-4 map), MiT + DAFormer only."""
+  from mfm_jax.models import mit  # pylint: disable=g-import-not-at-top
+  if config.model.backbone not in mit.MIT_VARIANTS:
+    return []
+  v = mit.MIT_VARIANTS[config.model.backbone]
+  h, w = config.data.crop_size
+  if config.model.hrda.enabled:  # the network runs on the HR detail crop and the LR context
+    h, w = config.model.hrda.hr_crop_size
+  shapes = []
+  for i, (dim, ratio) in enumerate(zip(v["embed_dims"], v["mlp_ratios"])):
+    s = 4 * 2**i
+    shapes.append((-(-h // s), -(-w // s), int(dim * ratio), 1))
+  if config.model.head == "daformer_sepaspp":
+    shapes += [(-(-h // 4), -(-w // 4), 4 * config.model.head_embed_dim, d) for d in (6, 12, 18)]
+  return shapes
+
+
+def depthwise_table(config, steps: int, warmup: int) -> list[dict[str, Any]]:
+  """Forward + backward time of each depthwise conv shape, per formulation (same batch as a
+  step: 2 × batch_size images)."""
+  from mfm_jax import ops  # pylint: disable=g-import-not-at-top
+  dtype = jnp.bfloat16 if config.model.compute_dtype == "bfloat16" else jnp.float32
+  b = 2 * config.data.batch_size
+  rows = []
+  for h, w, c, d in depthwise_shapes(config):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(b, h, w, c)), dtype)
+    k = jnp.asarray(rng.normal(size=(3, 3, 1, c)), dtype)
+    row = {"shape": f"{b}x{h}x{w}x{c}", "dilation": d}
+    for impl in ops.DEPTHWISE_IMPLS:
+      fn = jax.jit(jax.grad(lambda x, k, impl=impl: jnp.sum(
+          ops.depthwise_conv2d(x, k, dilation=d, padding=d, impl=impl).astype(jnp.float32)),
+                            argnums=(0, 1)))
+      for _ in range(max(warmup, 1)):
+        jax.block_until_ready(fn(x, k))
+      times = []
+      for _ in range(max(steps, 1)):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(x, k))
+        times.append(time.perf_counter() - t)
+      row[f"{impl}_ms"] = 1e3 * statistics.median(times)
+    rows.append(row)
+  return rows
+
+
 def run(config, steps: int, warmup: int, with_torch: bool) -> dict[str, Any]:
   config_lib.validate(config)
   device = jax.devices()[0]
@@ -219,6 +271,12 @@ def main(argv):
   for k, v in out.items():
     v = f"{v:.4g}" if isinstance(v, float) else v
     print(f"{k:<{width}}  {v}")
+  if _DEPTHWISE.value:
+    out["depthwise"] = depthwise_table(_CONFIG.value, _STEPS.value, _WARMUP.value)
+    print("depthwise conv, forward + backward (median ms):")
+    for row in out["depthwise"]:
+      print(f"  {row['shape']:>20} d={row['dilation']:<3} xla {row['xla_ms']:8.3f}  "
+            f"shift {row['shift_ms']:8.3f}")
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(out, f, indent=2, default=str)

@@ -37,3 +37,37 @@ def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     return x
   x = jnp.take(x, _nearest_index(h, size[0]), axis=1)
   return jnp.take(x, _nearest_index(w, size[1]), axis=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Depthwise convolution in two formulations. XLA lowers a grouped convolution with one channel
+# per group (feature_group_count = C), dilated or not, to a dedicated kernel whose speed varies
+# by backend (a known slow path on GPUs); 'shift' writes the same stride-1 convolution as
+# k·k shifted multiply-adds, which XLA fuses into one elementwise loop. Same parameters, same
+# function (tested); `config.model.depthwise_impl` picks one, `mfm_jax.benchmark` times both.
+
+DEPTHWISE_IMPLS = ("xla", "shift")
+
+
+def depthwise_conv2d(x: jax.Array, kernel: jax.Array, *, dilation: int = 1, padding: int = 0,
+                     impl: str = "xla") -> jax.Array:
+  """Stride-1 depthwise conv: ``x [B, H, W, C]``, ``kernel [kh, kw, 1, C]`` (Flax layout)."""
+  kh, kw, one, c = kernel.shape
+  if one != 1 or x.shape[-1] != c:
+    raise ValueError(f"depthwise_conv2d: kernel {kernel.shape} does not match input {x.shape}.")
+  if impl == "xla":
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), ((padding, padding), (padding, padding)),
+        rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=c)
+  if impl != "shift":
+    raise ValueError(f"depthwise_conv2d: impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}.")
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  h = xp.shape[1] - dilation * (kh - 1)
+  w = xp.shape[2] - dilation * (kw - 1)
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      term = xp[:, i * dilation:i * dilation + h, j * dilation:j * dilation + w] * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out

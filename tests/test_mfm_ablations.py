@@ -103,3 +103,14 @@ def test_benchmark_prints_its_figures_on_cpu():
   assert c.uda.fd.enabled
   f = benchmark.deployed_figures(c)["forward_flops"]
   assert out["analytic_step_tflops"] * 1e12 == pytest.approx(14 * f * c.data.batch_size)
+
+
+def test_benchmark_depthwise_table():
+  c = _config()
+  shapes = benchmark.depthwise_shapes(c)
+  # mit_tiny (16, 32, 64, 128) × mlp_ratio 4 at strides 4..32 of 32², + sep. ASPP d = 6, 12, 18.
+  e = c.model.head_embed_dim
+  assert shapes == [(8, 8, 64, 1), (4, 4, 128, 1), (2, 2, 256, 1), (1, 1, 512, 1),
+                    (8, 8, 4 * e, 6), (8, 8, 4 * e, 12), (8, 8, 4 * e, 18)]
+  rows = benchmark.depthwise_table(c, steps=1, warmup=1)
+  assert len(rows) == len(shapes) and all(r["xla_ms"] > 0 and r["shift_ms"] > 0 for r in rows)

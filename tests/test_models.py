@@ -201,6 +201,38 @@ def test_remat_same_tree_and_gradients():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
 
 
+@pytest.mark.parametrize("dilation", [1, 6])
+def test_depthwise_shift_formulation_equals_grouped_conv(dilation):
+  from mfm_jax import ops  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(dilation)
+  x = jnp.asarray(rng.normal(size=(2, 13, 17, 5)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 3, 1, 5)), jnp.float32)
+  a, b = (ops.depthwise_conv2d(x, k, dilation=dilation, padding=dilation, impl=impl)
+          for impl in ("xla", "shift"))
+  assert a.shape == b.shape == x.shape
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="impl must be one of"):
+    ops.depthwise_conv2d(x, k, impl="fft")
+
+
+def test_depthwise_impl_same_tree_and_outputs():
+  """model.depthwise_impl='shift' gives the same parameters and function (MiT + sep. ASPP)."""
+  cfgs = [ml_collections.ConfigDict(dict(backbone="mit_tiny", head="daformer_sepaspp",
+                                         head_embed_dim=32, depthwise_impl=impl))
+          for impl in ("xla", "shift")]
+  models = [segmentor.build_segmentor(c) for c in cfgs]
+  x = _X[:, :32, :32]
+  variables = jax.jit(lambda: models[0].init(jax.random.key(0), x, train=False))()
+  assert (jax.tree.structure(variables)
+          == jax.tree.structure(jax.eval_shape(lambda: models[1].init(jax.random.key(0), x,
+                                                                      train=False))))
+  a, b = (jax.jit(lambda v, m=m: m.apply(v, x, train=False))(variables) for m in models)
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  cfgs[1].depthwise_impl = "fft"
+  with pytest.raises(ValueError, match="model.depthwise_impl"):
+    segmentor.build_segmentor(cfgs[1])
+
+
 def test_bfloat16_compute_keeps_float32_params():
   model = segmentor.build_segmentor(_cfg(compute_dtype="bfloat16"))
   out, variables = jax.eval_shape(

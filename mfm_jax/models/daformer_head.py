@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from mfm_jax import ops
+from mfm_jax.models import layers
 
 Dtype = Any
 
@@ -70,14 +71,20 @@ class ConvModule(nn.Module):
   dilation: int = 1
   groups: int = 1
   dtype: Dtype = jnp.float32
+  depthwise_impl: str = "xla"  # formulation when groups == in == out channels (ops.py)
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     pad = self.dilation * (self.kernel_size // 2)  # padding = dilation for 3x3, 0 for 1x1
-    x = nn.Conv(self.features, (self.kernel_size, self.kernel_size),
-                padding=((pad, pad), (pad, pad)), kernel_dilation=self.dilation,
-                feature_group_count=self.groups, use_bias=False, dtype=self.dtype,
-                kernel_init=_kaiming_fan_out, name="conv")(x)
+    if self.groups > 1 and self.groups == self.features == x.shape[-1]:
+      x = layers.DepthwiseConv(self.kernel_size, self.dilation, use_bias=False,
+                               kernel_init=_kaiming_fan_out, impl=self.depthwise_impl,
+                               dtype=self.dtype, name="conv")(x)
+    else:
+      x = nn.Conv(self.features, (self.kernel_size, self.kernel_size),
+                  padding=((pad, pad), (pad, pad)), kernel_dilation=self.dilation,
+                  feature_group_count=self.groups, use_bias=False, dtype=self.dtype,
+                  kernel_init=_kaiming_fan_out, name="conv")(x)
     # torch BN momentum 0.1 ↔ Flax momentum 0.9; eps 1e-5 (§1.2 "norm").
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                      dtype=self.dtype, name="bn")(x)
@@ -89,12 +96,13 @@ class DepthwiseSeparableConvModule(nn.Module):
   features: int
   dilation: int
   dtype: Dtype = jnp.float32
+  depthwise_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     c = x.shape[-1]
     x = ConvModule(c, 3, self.dilation, groups=c, dtype=self.dtype,
-                   name="depthwise_conv")(x, train=train)
+                   depthwise_impl=self.depthwise_impl, name="depthwise_conv")(x, train=train)
     return ConvModule(self.features, 1, dtype=self.dtype, name="pointwise_conv")(x, train=train)
 
 
@@ -104,6 +112,7 @@ class ASPPFusion(nn.Module):
   dilations: Sequence[int]
   separable: bool
   dtype: Dtype = jnp.float32
+  depthwise_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -114,6 +123,7 @@ class ASPPFusion(nn.Module):
         y = ConvModule(self.features, 1, dtype=self.dtype, name=name)(x, train=train)
       elif self.separable:
         y = DepthwiseSeparableConvModule(self.features, d, dtype=self.dtype,
+                                         depthwise_impl=self.depthwise_impl,
                                          name=name)(x, train=train)
       else:
         y = ConvModule(self.features, 3, d, dtype=self.dtype, name=name)(x, train=train)
@@ -132,6 +142,7 @@ class DAFormerHead(nn.Module):
     dilations: ASPP dilations (1, 6, 12, 18); the d=1 branch is a 1x1 ConvModule.
     dropout: Dropout2d rate before conv_seg (0.1).
     dtype: compute dtype (params and BN statistics stay float32).
+    depthwise_impl: formulation of the separable ASPP's depthwise convs (``ops.py``).
   """
   num_classes: int
   embed_dim: int = 256
@@ -139,6 +150,7 @@ class DAFormerHead(nn.Module):
   dilations: Sequence[int] = (1, 6, 12, 18)
   dropout: float = 0.1
   dtype: Dtype = jnp.float32
+  depthwise_impl: str = "xla"
 
   @nn.compact
   def __call__(self, features: Sequence[jax.Array], *, train: bool,
@@ -160,7 +172,8 @@ class DAFormerHead(nn.Module):
       x = ConvModule(self.embed_dim, 1, dtype=self.dtype, name="fuse_layer")(x, train=train)
     else:
       x = ASPPFusion(self.embed_dim, tuple(self.dilations), self.fusion == "sepaspp",
-                     dtype=self.dtype, name="fuse_layer")(x, train=train)
+                     dtype=self.dtype, depthwise_impl=self.depthwise_impl,
+                     name="fuse_layer")(x, train=train)
     # Dropout2d: one Bernoulli draw per (sample, channel), broadcast over H and W.
     x = nn.Dropout(self.dropout, broadcast_dims=(1, 2))(x, deterministic=deterministic)
     x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, kernel_init=_conv_seg_init,

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mfm_jax.models import layers
+
 Dtype = Any
 
 # Variants as data (uda_reference.md §1.1 table). ``mit_tiny`` is a CPU/test-only variant.
@@ -124,14 +126,14 @@ class MixFFN(nn.Module):
   dim: int
   hidden_dim: int
   dtype: Dtype = jnp.float32
+  depthwise_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = _dense(self.hidden_dim, self.dtype, "fc1")(x)
     # Depthwise conv: torch fan_out = 3·3·hidden/groups = 9.
-    x = nn.Conv(self.hidden_dim, (3, 3), padding=((1, 1), (1, 1)),
-                feature_group_count=self.hidden_dim, dtype=self.dtype,
-                kernel_init=_conv_init(9), name="dwconv")(x)
+    x = layers.DepthwiseConv(3, kernel_init=_conv_init(9), impl=self.depthwise_impl,
+                             dtype=self.dtype, name="dwconv")(x)
     x = nn.gelu(x, approximate=False)  # reference: nn.GELU() = erf form
     return _dense(self.dim, self.dtype, "fc2")(x)
 
@@ -144,6 +146,7 @@ class Block(nn.Module):
   sr_ratio: int
   drop_path: float
   dtype: Dtype = jnp.float32
+  depthwise_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -153,7 +156,8 @@ class Block(nn.Module):
                                name="attn")(y)
     x = x + drop(y, deterministic)
     y = nn.LayerNorm(epsilon=_LN_EPS_BLOCK, dtype=self.dtype, name="norm2")(x)
-    y = MixFFN(self.dim, int(self.dim * self.mlp_ratio), dtype=self.dtype, name="mlp")(y)
+    y = MixFFN(self.dim, int(self.dim * self.mlp_ratio), dtype=self.dtype,
+               depthwise_impl=self.depthwise_impl, name="mlp")(y)
     return x + drop(y, deterministic)
 
 
@@ -166,6 +170,7 @@ class MixVisionTransformer(nn.Module):
       blocks (reference class default 0.1, §1.1).
     dtype: compute dtype (params stay float32).
     remat: rematerialise every block (saves activation memory at ~1/3 more compute).
+    depthwise_impl: formulation of the Mix-FFN depthwise conv (``ops.DEPTHWISE_IMPLS``).
   """
   embed_dims: Sequence[int]
   num_heads: Sequence[int]
@@ -175,6 +180,7 @@ class MixVisionTransformer(nn.Module):
   drop_path_rate: float = 0.1
   dtype: Dtype = jnp.float32
   remat: bool = False
+  depthwise_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool,
@@ -198,6 +204,7 @@ class MixVisionTransformer(nn.Module):
       for j in range(self.depths[i]):
         x = block_cls(self.embed_dims[i], self.num_heads[i], self.mlp_ratios[i],
                       self.sr_ratios[i], float(dpr[cur + j]), dtype=self.dtype,
+                      depthwise_impl=self.depthwise_impl,
                       name=f"block{i + 1}_{j}")(x, deterministic)
       cur += self.depths[i]
       x = nn.LayerNorm(epsilon=_LN_EPS_BLOCK, dtype=self.dtype, name=f"norm{i + 1}")(x)

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mfm_jax import ops
 from mfm_jax.models import daformer_head
 from mfm_jax.models import mit
 from mfm_jax.models import rebuilder as rebuilder_lib
@@ -87,6 +88,12 @@ def feature_channels(model_cfg: Any) -> tuple[int, ...]:
   return _RESNET_CHANNELS
 
 
+def _depthwise_impl(model_cfg: Any) -> str:
+  impl = _get(model_cfg, "depthwise_impl", "xla")
+  _check_choice("depthwise_impl", impl, ops.DEPTHWISE_IMPLS)
+  return impl
+
+
 def build_backbone(model_cfg: Any) -> nn.Module:
   """The encoder named by ``model_cfg.backbone``."""
   name = _get(model_cfg, "backbone", required=True)
@@ -94,7 +101,8 @@ def build_backbone(model_cfg: Any) -> nn.Module:
   dtype = parse_compute_dtype(_get(model_cfg, "compute_dtype", "float32"))
   if name in mit.MIT_VARIANTS:
     return mit.mit(name, drop_path_rate=float(_get(model_cfg, "drop_path_rate", 0.1)),
-                   dtype=dtype, remat=bool(_get(model_cfg, "remat", False)))
+                   dtype=dtype, remat=bool(_get(model_cfg, "remat", False)),
+                   depthwise_impl=_depthwise_impl(model_cfg))
   from mfm_jax.models import resnet  # pylint: disable=g-import-not-at-top (written concurrently)
   depth, deep_stem, dilated = _RESNETS[name]
   return resnet.ResNetV1c(depth=depth, deep_stem=deep_stem, dilated=dilated, dtype=dtype)
@@ -110,7 +118,8 @@ def build_head(model_cfg: Any, num_classes: int | None = None) -> nn.Module:
   if name.startswith("daformer_"):
     return daformer_head.DAFormerHead(
         num_classes=k, embed_dim=int(_get(model_cfg, "head_embed_dim", 256)),
-        fusion=name[len("daformer_"):], dropout=dropout, dtype=dtype)
+        fusion=name[len("daformer_"):], dropout=dropout, dtype=dtype,
+        depthwise_impl=_depthwise_impl(model_cfg))
   from mfm_jax.models import deeplab  # pylint: disable=g-import-not-at-top (written concurrently)
   if name == "dlv3p":
     return deeplab.DeepLabV3PlusHead(num_classes=k, dtype=dtype, dropout=dropout)
@@ -123,7 +132,7 @@ def build_segmentor(model_cfg: Any) -> EncoderDecoder:
   """``EncoderDecoder`` from a model config (ConfigDict or any attribute object).
 
   Keys: backbone, head (required); num_classes (19), head_embed_dim (256), head_dropout (0.1),
-  drop_path_rate (0.1), remat (False), compute_dtype ('float32').
+  drop_path_rate (0.1), remat (False), compute_dtype ('float32'), depthwise_impl ('xla').
   """
   return EncoderDecoder(backbone=build_backbone(model_cfg), decode_head=build_head(model_cfg))
 
