@@ -144,6 +144,32 @@ def test_transformers4_names_convert_like_transformers5_names():
   mapping.torch_to_flax(b, "mit_tiny", target=_abstract(_FLAX_MIT, _X))  # strict: all used
 
 
+def test_convert_cli_reads_hugging_face_segformer_files(tmp_path):
+  """A hub-style SegformerForImageClassification file (4.x and 5.x names) converts to the MiT
+  backbone; its classifier is dropped with a note."""
+  from mfm_jax.convert import cli  # pylint: disable=g-import-not-at-top
+  tiny = mit.MIT_VARIANTS["mit_tiny"]
+  cfg = transformers.SegformerConfig(
+      num_channels=3, num_encoder_blocks=4, depths=list(tiny["depths"]),
+      sr_ratios=list(tiny["sr_ratios"]), hidden_sizes=list(tiny["embed_dims"]),
+      num_attention_heads=list(tiny["num_heads"]), mlp_ratios=list(tiny["mlp_ratios"]),
+      num_labels=10)
+  full = transformers.SegformerForImageClassification(cfg)
+  sd5 = dict(full.state_dict())
+  assert any(k.startswith("classifier.") for k in sd5)
+  want = mapping.hf_segformer_to_reference(full.segformer.state_dict())
+  for name, sd in (("v5", sd5), ("v4", {(_to_transformers4_names(k[len("segformer."):])
+                                          if k.startswith("segformer.") else k): v
+                                         for k, v in sd5.items()})):
+    path = str(tmp_path / f"{name}.bin")
+    torch.save(sd, path)
+    report = cli.convert_to_orbax(path, str(tmp_path / name))
+    assert report["arch"] == "mit_tiny", report
+    assert any("dropped its heads ['classifier.bias', 'classifier.weight']" in n
+               for n in report["notes"]), report["notes"]
+    assert report["param_count"] == sum(v.size for v in want.values())
+
+
 def test_transformers_layernorm_eps_vs_reference():
   # Finding: transformers builds all SegFormer LayerNorms with eps 1e-5; the reference (and
   # mfm_jax, see test_models.test_exact_gelu_and_layernorm_eps) uses 1e-6 for block norm1/norm2

@@ -11,7 +11,10 @@ before anything executes. Accepted layouts (uda_reference.md §1.5 and §5):
   ``imnet_model.*`` (frozen ImageNet copy), chosen with ``which``; a leading ``module.``
   (DataParallel) is stripped first;
 * a SegFormer ImageNet file (``mit_b5.pth``: MiT keys without ``backbone.``); its ImageNet
-  classifier ``head.*``, if present, is dropped with a note.
+  classifier ``head.*``, if present, is dropped with a note;
+* a Hugging Face SegFormer file (``pytorch_model.bin`` of e.g. ``nvidia/mit-b5``; transformers
+  4.x or 5.x names): the encoder is renamed to the reference MiT names, its ``classifier.*`` /
+  ``decode_head.*`` are dropped with a note.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -145,6 +149,7 @@ def select_state_dict(obj: Any, which: str = "student", path: str = "<checkpoint
     raise TorchCheckpointError(
         f"{path}: which={which!r} needs a UDA checkpoint with {WHICH_PREFIX[which]!r} keys; "
         "this file holds a single network (use which='student').")
+  sd = _from_hf_segformer(sd, notes)
   is_segformer = (any(k.startswith("patch_embed1.") for k in sd)
                   and not any(k.startswith("backbone.") for k in sd))
   head = sorted(k for k in sd if k.startswith("head."))
@@ -154,6 +159,25 @@ def select_state_dict(obj: Any, which: str = "student", path: str = "<checkpoint
       del sd[k]
     notes.append(f"dropped the ImageNet classifier {head} of the SegFormer backbone file")
   return sd, notes
+
+
+_HF_ENCODER = re.compile(r"(segformer\.)?(encoder\.(block|patch_embeddings|layer_norm)\.|"
+                         r"stages\.\d+\.)")
+
+
+def _from_hf_segformer(sd: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+  """Hugging Face SegFormer names → reference MiT names (other state_dicts pass through)."""
+  encoder = [k for k in sd if _HF_ENCODER.match(k)]
+  if not encoder:
+    return sd
+  import torch  # pylint: disable=g-import-not-at-top
+  from mfm_jax.convert import mapping  # pylint: disable=g-import-not-at-top
+  heads = sorted(k for k in sd if k not in encoder
+                 and k.startswith(("classifier.", "decode_head.")))
+  out = mapping.hf_segformer_to_reference({k: v for k, v in sd.items() if k not in heads})
+  notes.append(f"mapped {len(encoder)} Hugging Face SegFormer encoder tensors to reference MiT "
+               "names" + (f"; dropped its heads {heads}" if heads else ""))
+  return {k: torch.from_numpy(v) for k, v in out.items()}
 
 
 def load_checkpoint(path: str, which: str = "student") -> TorchCheckpoint:
