@@ -27,6 +27,7 @@ def tiny_config(global_batch: int):
   c.uda.mic.block_size = 4
   c.mfm.grid_size = 4
   c.model.head_dropout = 0.0  # dropout masks are sharding-invariant too, but keep it simple
+  c.model.depthwise_impl = "xla"  # ~20 % faster to compile than 'shift' (tested elsewhere)
   return c
 
 

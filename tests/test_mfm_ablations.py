@@ -89,9 +89,9 @@ def test_deployed_network_equal_with_and_without_mfm(preset):
 
 def test_benchmark_prints_its_figures_on_cpu():
   """benchmark.run on a tiny MIC(DAFormer)+MFM step, with the PyTorch SegFormer comparison."""
-  c = _config()
+  c = _config(**{"mesh.data": 1, "model.depthwise_impl": "xla"})  # cheapest compile
   out = benchmark.run(c, steps=2, warmup=1, with_torch=True)
-  assert out["deployed_equal"] and out["devices"] == jax.device_count()
+  assert out["deployed_equal"] and out["devices"] == 1
   for key in ("compile_s", "step_s", "images_per_s", "xla_temp_gib", "xla_step_flops",
               "analytic_step_tflops", "achieved_tflops_s", "jax_supervised_step_s",
               "torch_step_s", "torch_over_jax_supervised"):
