@@ -88,6 +88,18 @@ def deployed_figures(config) -> dict[str, Any]:
           "tree": jax.tree_util.tree_structure(variables["params"])}
 
 
+def _median_seconds(call, steps: int, warmup: int) -> float:
+  """Median wall time of ``call()`` (which must wait for its result) after ``warmup`` calls."""
+  for _ in range(warmup):
+    call()
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
 def time_step(config, steps: int, warmup: int) -> dict[str, Any]:
   mesh = parallel.make_mesh(config.mesh.data)
   host = state_lib.build_host(config)
@@ -108,16 +120,13 @@ def time_step(config, steps: int, warmup: int) -> dict[str, Any]:
          "devices": mesh.devices.size, "step_s": None, "peak_gib": None}
   if steps <= 0:  # compile only
     return out
-  for _ in range(warmup):
-    state, m = compiled(state, batch)
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
+
+  def step():
+    nonlocal state
     state, m = compiled(state, batch)
     jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-  out["step_s"] = statistics.median(times)
+
+  out["step_s"] = _median_seconds(step, steps, warmup)
   stats = jax.local_devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     out["peak_gib"] = stats["peak_bytes_in_use"] / 2**30
@@ -166,16 +175,8 @@ def torch_segformer_step(config, steps: int, warmup: int) -> dict[str, Any]:
     opt.step()
 
   sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-  for _ in range(warmup):
-    step()
-  sync()
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    step()
-    sync()
-    times.append(time.perf_counter() - t)
-  return {"torch_step_s": statistics.median(times), "torch_device": dev,
+  step_s = _median_seconds(lambda: (step(), sync()), steps, warmup)
+  return {"torch_step_s": step_s, "torch_device": dev,
           "torch_version": torch.__version__,
           "torch_params": sum(p.numel() for p in model.parameters())}
 
@@ -215,14 +216,8 @@ def depthwise_table(config, steps: int, warmup: int) -> list[dict[str, Any]]:
       fn = jax.jit(jax.grad(lambda x, k, impl=impl: jnp.sum(
           ops.depthwise_conv2d(x, k, dilation=d, padding=d, impl=impl).astype(jnp.float32)),
                             argnums=(0, 1)))
-      for _ in range(max(warmup, 1)):
-        jax.block_until_ready(fn(x, k))
-      times = []
-      for _ in range(max(steps, 1)):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(x, k))
-        times.append(time.perf_counter() - t)
-      row[f"{impl}_ms"] = 1e3 * statistics.median(times)
+      row[f"{impl}_ms"] = 1e3 * _median_seconds(
+          lambda fn=fn: jax.block_until_ready(fn(x, k)), max(steps, 1), max(warmup, 1))
     rows.append(row)
   return rows
 

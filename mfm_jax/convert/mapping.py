@@ -362,8 +362,8 @@ def summarize(tree: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- Hugging Face SegFormer names
 
-# transformers ``SegformerModel`` names (5.x and 4.x) → reference MiT names (§1.1). HF keeps k and v as two
-# Linear layers; the reference fuses them as kv = [k | v] along the output axis.
+# transformers ``SegformerModel`` names (5.x and 4.x) → reference MiT names (§1.1). HF keeps k
+# and v as two Linear layers; the reference fuses them as kv = [k | v] along the output axis.
 _HF_SEGFORMER_RULES = [
     (r"stages\.(\d+)\.patch_embeddings\.proj\.", "patch_embed{s}.proj."),
     (r"stages\.(\d+)\.patch_embeddings\.layer_norm\.", "patch_embed{s}.norm."),
@@ -391,8 +391,13 @@ _HF_SEGFORMER_RULES = [
     (r"encoder\.block\.(\d+)\.(\d+)\.mlp\.", "block{s}.{b}.mlp."),
     (r"encoder\.layer_norm\.(\d+)\.", "norm{s}."),
 ]
-_HF_KV = (r"(?:stages\.(\d+)\.blocks\.(\d+)\.attention\.([kv])_proj|"
-          r"encoder\.block\.(\d+)\.(\d+)\.attention\.self\.(key|value))\.(weight|bias)$")
+# The k / v projections in 5.x and 4.x naming (``which`` starts with 'k' or 'v').
+_HF_KV = (
+    re.compile(r"stages\.(?P<s>\d+)\.blocks\.(?P<b>\d+)\.attention\.(?P<which>[kv])_proj\."
+               r"(?P<leaf>weight|bias)$"),
+    re.compile(r"encoder\.block\.(?P<s>\d+)\.(?P<b>\d+)\.attention\.self\.(?P<which>key|value)\."
+               r"(?P<leaf>weight|bias)$"),
+)
 
 
 def hf_segformer_to_reference(hf_state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -406,11 +411,10 @@ def hf_segformer_to_reference(hf_state_dict: Mapping[str, Any]) -> dict[str, np.
         for k, v in hf_state_dict.items()}
   out, kv, unknown = {}, {}, []
   for name, value in sd.items():
-    m = re.match(_HF_KV, name)
+    m = next((m for m in (p.match(name) for p in _HF_KV) if m), None)
     if m:
-      g = m.groups()
-      s, b, which = (g[0], g[1], g[2]) if g[0] is not None else (g[3], g[4], g[5][0])
-      kv.setdefault(f"block{int(s) + 1}.{b}.attn.kv.{g[6]}", {})[which] = value
+      key = f"block{int(m['s']) + 1}.{m['b']}.attn.kv.{m['leaf']}"
+      kv.setdefault(key, {})[m["which"][0]] = value
       continue
     for pattern, repl in _HF_SEGFORMER_RULES:
       m = re.match(pattern, name)
