@@ -158,9 +158,10 @@ def test_convert_cli_reads_hugging_face_segformer_files(tmp_path):
   sd5 = dict(full.state_dict())
   assert any(k.startswith("classifier.") for k in sd5)
   want = mapping.hf_segformer_to_reference(full.segformer.state_dict())
-  for name, sd in (("v5", sd5), ("v4", {(_to_transformers4_names(k[len("segformer."):])
-                                          if k.startswith("segformer.") else k): v
-                                         for k, v in sd5.items()})):
+  sd4 = {(_to_transformers4_names(k[len("segformer."):]) if k.startswith("segformer.") else k): v
+         for k, v in sd5.items()}
+  bf16 = {k: v.to(torch.bfloat16) for k, v in sd4.items()}  # half-precision hub files
+  for name, sd in (("v5", sd5), ("v4", sd4), ("v4_bf16", bf16)):
     path = str(tmp_path / f"{name}.bin")
     torch.save(sd, path)
     report = cli.convert_to_orbax(path, str(tmp_path / name))

@@ -149,7 +149,6 @@ def select_state_dict(obj: Any, which: str = "student", path: str = "<checkpoint
     raise TorchCheckpointError(
         f"{path}: which={which!r} needs a UDA checkpoint with {WHICH_PREFIX[which]!r} keys; "
         "this file holds a single network (use which='student').")
-  sd = _from_hf_segformer(sd, notes)
   is_segformer = (any(k.startswith("patch_embed1.") for k in sd)
                   and not any(k.startswith("backbone.") for k in sd))
   head = sorted(k for k in sd if k.startswith("head."))
@@ -165,19 +164,18 @@ _HF_ENCODER = re.compile(r"(segformer\.)?(encoder\.(block|patch_embeddings|layer
                          r"stages\.\d+\.)")
 
 
-def _from_hf_segformer(sd: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+def _from_hf_segformer(sd: dict[str, np.ndarray], notes: list[str]) -> dict[str, np.ndarray]:
   """Hugging Face SegFormer names → reference MiT names (other state_dicts pass through)."""
   encoder = [k for k in sd if _HF_ENCODER.match(k)]
   if not encoder:
     return sd
-  import torch  # pylint: disable=g-import-not-at-top
   from mfm_jax.convert import mapping  # pylint: disable=g-import-not-at-top
   heads = sorted(k for k in sd if k not in encoder
                  and k.startswith(("classifier.", "decode_head.")))
   out = mapping.hf_segformer_to_reference({k: v for k, v in sd.items() if k not in heads})
   notes.append(f"mapped {len(encoder)} Hugging Face SegFormer encoder tensors to reference MiT "
                "names" + (f"; dropped its heads {heads}" if heads else ""))
-  return {k: torch.from_numpy(v) for k, v in out.items()}
+  return out
 
 
 def load_checkpoint(path: str, which: str = "student") -> TorchCheckpoint:
@@ -185,6 +183,7 @@ def load_checkpoint(path: str, which: str = "student") -> TorchCheckpoint:
   obj = read_pth(path)
   sd, notes = select_state_dict(obj, which, path)
   arrays = {k: _to_numpy(k, v, path, notes) for k, v in sd.items()}
+  arrays = _from_hf_segformer(arrays, notes)  # after _to_numpy: fp16/bf16 files are upcast
   return TorchCheckpoint(arrays, notes)
 
 
