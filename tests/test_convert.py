@@ -23,7 +23,7 @@ from mfm_jax.models import segmentor
 
 torch = pytest.importorskip("torch")
 
-_STATEDICTS = os.environ.get("MFM_JAX_STATEDICTS", "/work/shared/reference/statedicts")
+from reference_data import STATEDICTS as _STATEDICTS  # noqa: E402
 _IMAGE = jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32)
 
 

@@ -19,7 +19,7 @@ from mfm_jax.models import hrda_head
 from mfm_jax.models import segmentor
 from mfm_jax.uda import losses
 
-_STATEDICTS = os.environ.get("MFM_JAX_STATEDICTS", "/work/shared/reference/statedicts")
+from reference_data import STATEDICTS as _STATEDICTS  # noqa: E402
 K = 19
 
 

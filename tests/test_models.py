@@ -20,7 +20,7 @@ from mfm_jax.models import mit
 from mfm_jax.models import rebuilder
 from mfm_jax.models import segmentor
 
-_STATEDICTS = os.environ.get("MFM_JAX_STATEDICTS", "/work/shared/reference/statedicts")
+from reference_data import STATEDICTS as _STATEDICTS  # noqa: E402
 _X = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
 
 

@@ -18,7 +18,7 @@ from flax import traverse_util
 from mfm_jax.models import deeplab
 from mfm_jax.models import resnet
 
-_STATEDICTS = os.environ.get("MFM_JAX_STATEDICTS", "/work/shared/reference/statedicts")
+from reference_data import STATEDICTS as _STATEDICTS  # noqa: E402
 _TSV = os.path.join(_STATEDICTS, "statedict_dlv2red_r101v1c.tsv")
 
 
