@@ -196,7 +196,9 @@ def depthwise_shapes(config) -> list[tuple[int, int, int, int]]:
     s = 4 * 2**i
     shapes.append((-(-h // s), -(-w // s), int(dim * ratio), 1))
   if config.model.head == "daformer_sepaspp":
-    shapes += [(-(-h // 4), -(-w // 4), 4 * config.model.head_embed_dim, d) for d in (6, 12, 18)]
+    from mfm_jax.models import daformer_head  # pylint: disable=g-import-not-at-top
+    shapes += [(-(-h // 4), -(-w // 4), 4 * config.model.head_embed_dim, d)
+               for d in daformer_head.DAFormerHead.dilations if d > 1]
   return shapes
 
 
