@@ -39,6 +39,8 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _TORCH = flags.DEFINE_bool("torch", False, "Also time a PyTorch SegFormer training step.")
 _JSON = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
+_MFM_COST = flags.DEFINE_bool("mfm_cost", True, "With MFM on: also compile the step without "
+                              "MFM and print both steps' XLA FLOPs and temporary memory.")
 _DEPTHWISE = flags.DEFINE_bool(
     "depthwise", False, "Also time every depthwise conv shape of the model (forward + backward, "
     "batch 2+2) in both formulations of config.model.depthwise_impl ('xla' grouped conv vs "
@@ -224,7 +226,19 @@ def depthwise_table(config, steps: int, warmup: int) -> list[dict[str, Any]]:
   return rows
 
 
-def run(config, steps: int, warmup: int, with_torch: bool) -> dict[str, Any]:
+def rebuilder_params(config) -> int:
+  """Trainable parameters of the MFM Rebuilder (training only; 0 without one)."""
+  task = state_lib.build_mfm_task(config)
+  if task is None or not task.has_params:
+    return 0
+  feats = [jax.ShapeDtypeStruct((1, *s, c), jnp.float32)
+           for s, c in zip(task.level_sizes, task.channels)]
+  tree = jax.eval_shape(task.init, jax.random.key(0), feats)
+  return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(tree))
+
+
+def run(config, steps: int, warmup: int, with_torch: bool, mfm_cost: bool = True
+        ) -> dict[str, Any]:
   config_lib.validate(config)
   device = jax.devices()[0]
   out: dict[str, Any] = {"device": f"{device.platform}:{device.device_kind}",
@@ -242,7 +256,14 @@ def run(config, steps: int, warmup: int, with_torch: bool) -> dict[str, Any]:
   out["deployed_equal"] = (d_with["tree"] == d_without["tree"]
                            and d_with["params"] == d_without["params"]
                            and d_with["forward_flops"] == d_without["forward_flops"])
+  out["rebuilder_params"] = rebuilder_params(config)
   out.update(time_step(config, steps, warmup))
+  if mfm_cost and config.mfm.enabled:
+    # The training cost of MFM: the same step compiled without it (XLA FLOPs and temporaries).
+    base = time_step(without, 0, 0)
+    out["xla_step_flops_without_mfm"] = base["xla_step_flops"]
+    out["xla_temp_gib_without_mfm"] = base["xla_temp_gib"]
+    out["mfm_step_flops_ratio"] = out["xla_step_flops"] / base["xla_step_flops"]
   out["analytic_step_tflops"] = analytic_step_flops(config, d_with["forward_flops"]) / 1e12
   if out["step_s"] is None:  # compile only
     return out
@@ -263,7 +284,7 @@ def run(config, steps: int, warmup: int, with_torch: bool) -> dict[str, Any]:
 def main(argv):
   del argv
   steps = 0 if _COMPILE_ONLY.value else _STEPS.value
-  out = run(_CONFIG.value, steps, _WARMUP.value, _TORCH.value and steps > 0)
+  out = run(_CONFIG.value, steps, _WARMUP.value, _TORCH.value and steps > 0, _MFM_COST.value)
   width = max(len(k) for k in out)
   for k, v in out.items():
     v = f"{v:.4g}" if isinstance(v, float) else v

@@ -156,17 +156,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.mfm = ml_collections.ConfigDict()
   c.mfm.enabled = True  # masked feature modeling (mfm_method.md)
   c.mfm.weight = 1.0  # λ (PAPER)
-  c.mfm.mask_ratio = 0.4  # PAPER: 40 %
-  c.mfm.grid_size = 16  # PAPER: 16×16 latent grid
-  c.mfm.embed_dim = 512  # PAPER: C → 512
-  c.mfm.depth = 2  # PAPER: 2 Transformer blocks
-  c.mfm.num_heads = 8  # OURS
-  c.mfm.mlp_ratio = 4.0  # OURS
-  c.mfm.rebuild = True  # ablation: False = masking only
+  c.mfm.mask_ratio = 0.4  # PAPER + OFFICIAL: Bernoulli(0.4) per token
+  # OFFICIAL: 16×16 tokens at 512 crops. OURS for other crops: the grid is min(grid_size, size of
+  # the encoder's last level) per axis, projector i upsamples by level size / grid (uda/mfm.py).
+  c.mfm.grid_size = 16
+  c.mfm.embed_dim = 512  # OFFICIAL: C_last → 512
+  c.mfm.depth = 2  # OFFICIAL: 2 pre-norm ViT blocks
+  c.mfm.num_heads = 16  # OFFICIAL
+  c.mfm.mlp_ratio = 4.0  # OFFICIAL
+  c.mfm.rebuild = True  # ablation: False = masking only (masked cells zeroed)
   c.mfm.objective = "classification"  # | 'feature' (teacher-feature regression) | 'pixel'
   c.mfm.domain = "target"  # | 'source' | 'both'
   c.mfm.freeze = "none"  # | 'encoder' | 'decoder' (for the MFM loss only)
-  c.mfm.levels = "last"  # OURS: 'last' encoder stage | 'all' levels the decoder reads
+  # OFFICIAL 'all': every level the DAFormer head reads is masked at the same cells and rebuilt
+  # (DeepLabV2: its one level); 'last': only the last level (the pre-release behaviour).
+  c.mfm.levels = "all"
+  # 'random' (OFFICIAL) | 'uncertainty' (OURS, beyond the paper: tokens where the EMA teacher is
+  # unsure are masked more often, same expected ratio; uda/mfm.py guided_keep_mask).
+  c.mfm.mask_strategy = "random"
+  c.mfm.mask_guidance = 1.0  # γ of the 'uncertainty' strategy: 0 = uniform, 1 = fully guided
+  # Orbax checkpoint with {'params': {'rebuilder'}} (e.g. the authors' released Rebuilder via
+  # `python -m mfm_jax.convert --arch=rebuilder_daformer`) whose weights start the Rebuilder.
+  c.mfm.init_from = ""
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 6e-5  # AdamW (§2.7)
@@ -229,7 +240,6 @@ def set_synthetic(c: ml_collections.ConfigDict) -> None:
   c.model.backbone = "mit_tiny"
   c.model.head_embed_dim = 64
   c.model.drop_path_rate = 0.0
-  c.mfm.grid_size = 4
   c.mfm.embed_dim = 64
   c.mfm.num_heads = 4
   c.uda.mic.block_size = 4  # 16 px at 512 → grid of 16 cells per side, scaled to 64-px crops
@@ -254,6 +264,7 @@ _CHOICES = {
     "mfm.domain": ("target", "source", "both"),
     "mfm.freeze": ("none", "encoder", "decoder"),
     "mfm.levels": ("last", "all"),
+    "mfm.mask_strategy": ("random", "uncertainty"),
     "eval.mode": ("whole", "slide"),
     "eval.which": ("student", "teacher"),
     "init_scope": ("model", "backbone"),
@@ -262,6 +273,8 @@ _CHOICES = {
 
 _RANGES = {  # key: (low, high, low inclusive, high inclusive)
     "mfm.mask_ratio": (0.0, 1.0, True, False),
+    "mfm.mask_guidance": (0.0, 1.0, True, True),
+    "mfm.grid_size": (1, 64, True, True),
     "uda.mic.ratio": (0.0, 1.0, True, False),
     "uda.ema_alpha": (0.0, 1.0, True, True),
     "uda.pseudo_threshold": (0.0, 1.0, True, True),
@@ -314,12 +327,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     v = tuple(_get(c, key))
     if len(v) != 2 or not all(isinstance(x, int) and x > 0 for x in v):
       raise ConfigError(f"config.{key}={v!r} must be two positive integers.")
-  if c.mfm.embed_dim % c.mfm.num_heads:
-    raise ConfigError(f"config.mfm.embed_dim={c.mfm.embed_dim} must be divisible by "
-                      f"config.mfm.num_heads={c.mfm.num_heads}.")
-  if c.mfm.enabled and c.mfm.domain in ("target", "both") and not c.uda.enabled:
-    raise ConfigError("config.mfm.domain includes 'target', which needs the EMA teacher's pseudo-"
-                      "labels: set config.uda.enabled=True or config.mfm.domain='source'.")
+  if c.mfm.enabled:
+    validate_mfm(c)
   bad = [k for k in c.uda.fd.classes if not 0 <= k < c.model.num_classes]
   if bad:
     raise ConfigError(f"config.uda.fd.classes has ids outside [0, {c.model.num_classes}): {bad}.")
@@ -328,6 +337,46 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key, (lr_mult, decay_mult) in dict(c.optim.custom_keys).items():
     if lr_mult < 0 or decay_mult < 0:
       raise ConfigError(f"config.optim.custom_keys[{key!r}] multipliers must be >= 0.")
+
+
+def validate_mfm(c: ml_collections.ConfigDict) -> None:
+  """The MFM keys: architecture, token grid vs feature sizes, and which ablation combinations
+  are meaningful (mfm_method.md "Ablations"); each error names the key."""
+  m = c.mfm
+  if m.embed_dim % m.num_heads:
+    raise ConfigError(f"config.mfm.embed_dim={m.embed_dim} must be divisible by "
+                      f"config.mfm.num_heads={m.num_heads}.")
+  if m.embed_dim % 4:
+    raise ConfigError(f"config.mfm.embed_dim={m.embed_dim} must be divisible by 4 (2-D sin-cos "
+                      "positional embedding).")
+  if m.objective == "classification" and m.domain in ("target", "both") and not c.uda.enabled:
+    raise ConfigError("config.mfm.domain includes 'target', which needs the EMA teacher's pseudo-"
+                      "labels: set config.uda.enabled=True or config.mfm.domain='source'.")
+  if not m.rebuild and m.objective != "classification":
+    raise ConfigError(f"config.mfm.rebuild=False (masking only) works with "
+                      f"config.mfm.objective='classification' only, got {m.objective!r}: the "
+                      "feature and pixel objectives regress what the Rebuilder predicts.")
+  if m.freeze == "decoder" and m.objective != "classification":
+    raise ConfigError(f"config.mfm.freeze='decoder' needs config.mfm.objective="
+                      f"'classification' (the {m.objective!r} objective does not use the "
+                      "decoder).")
+  if m.mask_strategy == "uncertainty" and (m.domain != "target" or not c.uda.enabled):
+    raise ConfigError("config.mfm.mask_strategy='uncertainty' uses the EMA teacher's target "
+                      "predictions: it needs config.mfm.domain='target' and "
+                      "config.uda.enabled=True.")
+  # Token grid vs the encoder's feature sizes (lazy imports: models are heavy).
+  from mfm_jax.models import segmentor  # pylint: disable=g-import-not-at-top
+  from mfm_jax.uda import mfm as mfm_lib  # pylint: disable=g-import-not-at-top
+  size = tuple(c.data.crop_size)
+  if c.model.hrda.enabled:
+    from mfm_jax import hrda  # pylint: disable=g-import-not-at-top
+    size = hrda.mfm_image_size(c)
+  levels = segmentor.level_sizes(c.model, size)
+  grid = mfm_lib.token_grid(levels[-1], int(m.grid_size))
+  if m.objective == "pixel" and (size[0] % grid[0] or size[1] % grid[1]):
+    raise ConfigError(f"config.mfm.objective='pixel' needs the encoder's input {size} divisible "
+                      f"by the token grid {grid} (config.mfm.grid_size={m.grid_size}, capped at "
+                      f"the last feature level {levels[-1]}); change config.data.crop_size.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +409,6 @@ def set_synthetic_hrda(c: ml_collections.ConfigDict) -> None:
   c.model.hrda.hr_slide_stride = (24, 24)
   c.data.pseudo_margins = ()
   c.uda.mic.block_size = 6  # 64 px at 1024 → 16 cells per side
-  c.mfm.grid_size = 4
   c.eval.mode = "whole"  # the 192×96 image is HRDA-slid internally (48-px windows)
   c.data.batch_size = 2
   c.num_steps = 1000
@@ -380,8 +428,6 @@ def experiment(method: str, mfm: bool, arg: str | None, *, backbone: str = "mit_
   p = parse_arg(arg, **PRESETS)
   c = base_config()
   c.model.backbone, c.model.head = backbone, head
-  if head.startswith("dlv"):
-    c.mfm.grid_size = 16
   set_method(c, method, mfm if p.mfm is None else p.mfm)
   if hrda:
     set_hrda(c)

@@ -49,8 +49,11 @@ def mfm_image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
 def build_mfm_task(config: ml_collections.ConfigDict) -> MFMTask | None:
   if not config.mfm.enabled:
     return None
+  size = mfm_image_size(config)
   return MFMTask(cfg=config.mfm, channels=tuple(segmentor_lib.feature_channels(config.model)),
-                 image_size=mfm_image_size(config), compute_dtype=compute_dtype(config))
+                 level_sizes=tuple(segmentor_lib.level_sizes(config.model, size)),
+                 image_size=size, single_projector=config.model.head.startswith("dlv2"),
+                 compute_dtype=compute_dtype(config))
 
 
 def _example_images(config: ml_collections.ConfigDict, batch: int = 1) -> jax.ShapeDtypeStruct:
@@ -116,6 +119,20 @@ def load_init(config: ml_collections.ConfigDict, variables: dict[str, Any]) -> d
   return {"params": params, "batch_stats": bstats}
 
 
+def load_rebuilder_init(config: ml_collections.ConfigDict, variables: dict[str, Any]
+                        ) -> dict[str, Any]:
+  """Merges ``config.mfm.init_from`` (e.g. the released Rebuilder, converted with
+  ``python -m mfm_jax.convert --arch=rebuilder_daformer``) into ``params['rebuilder']``."""
+  from mfm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  path = config.mfm.init_from
+  variables = jax.tree_util.tree_map(np.asarray, variables)
+  loaded = checkpoint.load_params(path, subtree=("params", "rebuilder"))
+  params = dict(variables["params"])
+  params["rebuilder"] = merge_strict(params["rebuilder"], loaded,
+                                     f"Rebuilder weights from config.mfm.init_from={path}")
+  return {"params": params, "batch_stats": variables["batch_stats"]}
+
+
 def create_train_state(config: ml_collections.ConfigDict, host: SegmentationHost,
                        mfm_task: MFMTask | None, tx, sharding=None) -> TrainState:
   """Initial state (placed with ``sharding``, e.g. replicated over the mesh)."""
@@ -134,8 +151,13 @@ def create_train_state(config: ml_collections.ConfigDict, host: SegmentationHost
         imnet_params=copy(params["model"]["backbone"]) if imnet else None,
         imnet_batch_stats=copy(bstats.get("backbone", {})) if imnet else None)
 
-  if config.init_from:
-    variables = load_init(config, init_variables(config, host, mfm_task, rng))
+  mfm_init = bool(config.mfm.enabled and config.mfm.rebuild and config.mfm.init_from)
+  if config.init_from or mfm_init:
+    variables = init_variables(config, host, mfm_task, rng)
+    if config.init_from:
+      variables = load_init(config, variables)
+    if mfm_init:
+      variables = load_rebuilder_init(config, variables)
     return jax.jit(from_variables, out_shardings=sharding)(variables)
   return jax.jit(lambda r: from_variables(init_variables(config, host, mfm_task, r)),
                  out_shardings=sharding)(rng)

@@ -8,7 +8,8 @@ accumulates gradients, which equals one ``value_and_grad`` over their sum):
 3. Teacher forward on the clean target → pseudo-labels + confidence weight (τ = 0.968).
 4. ClassMix of source/target + colour jitter + blur → weighted CE.
 5. MIC: colour-augmented, block-masked target → weighted CE vs the same pseudo-labels.
-6. MFM (mfm_method.md): target encoder features → latent mask → Rebuilder → decoder → CE.
+6. MFM (mfm_method.md, ``mfm_task.MFMTask.terms``): target encoder features → latent keep
+   mask → Rebuilder → decoder → CE against the pseudo-labels.
 7. AdamW step.
 
 Randomness: every stream is ``fold_in(key(seed), step)`` split by name, so no key lives in the
@@ -63,11 +64,6 @@ def _vars(params, batch_stats) -> dict[str, Any]:
   return {"params": params, "batch_stats": batch_stats if batch_stats is not None else {}}
 
 
-def _freeze(model_params, part: str):
-  """Stops gradients into one part of the segmentor (MFM freeze ablation)."""
-  return {k: (jax.lax.stop_gradient(v) if k == part else v) for k, v in model_params.items()}
-
-
 def make_update_fn(config: ml_collections.ConfigDict, host: SegmentationHost,
                    mfm_task: MFMTask | None, tx: optax.GradientTransformation,
                    *, with_grads: bool = False
@@ -92,7 +88,7 @@ def make_update_fn(config: ml_collections.ConfigDict, host: SegmentationHost,
 
     # 1 + 3. EMA teacher and pseudo-labels (outside the gradient).
     ema_params, ema_bs = state.ema_params, state.ema_batch_stats
-    pl = pw = t_feats = None
+    pl = pw = t_feats = t_logits = t_src_feats = None
     if use_teacher:
       ema_params = ema.ema_update(ema_params, state.params["model"], state.step, uda.ema_alpha)
       t_logits, t_feats, ema_bs = host.predict(_vars(ema_params, ema_bs), tgt_img, train=True)
@@ -101,6 +97,11 @@ def make_update_fn(config: ml_collections.ConfigDict, host: SegmentationHost,
           ignore_top=uda.pseudo_ignore_top, ignore_bottom=uda.pseudo_ignore_bottom)
       metrics["ema_alpha"] = ema.ema_alpha(state.step, uda.ema_alpha)
       metrics["pseudo_weight"] = jnp.mean(pw)
+      if use_mfm and mfm_cfg.objective == "feature" and mfm_cfg.domain in ("source", "both"):
+        # Teacher features of the source crop for the feature-regression objective (its BN
+        # statistics are not kept: this pass only provides regression targets).
+        t_src_feats, _ = host.encode(_vars(ema_params, ema_bs), src_img, train=True,
+                                     deterministic=True)
     imnet_feats = None
     if use_fd:
       imnet_feats, _ = host.fd_encode(
@@ -143,29 +144,15 @@ def make_update_fn(config: ml_collections.ConfigDict, host: SegmentationHost,
               _vars(params["model"], bs), mic_img * bm.astype(mic_img.dtype), pl, pw,
               rng=keys["mic_fwd"])
           terms["mic_ce"] = uda.mic.weight * mic_loss
-      # 6. Masked Feature Modeling.
+      # 6. Masked Feature Modeling (mfm_jax/mfm_task.py owns the loss).
       if use_mfm:
-        model_p = params["model"]
-        if mfm_cfg.freeze == "decoder":
-          model_p = _freeze(model_p, "decode_head")
-        rb = params.get("rebuilder")
-        if mfm_cfg.domain in ("target", "both"):
-          feats, bs = host.encode(_vars(params["model"], bs), tgt_img, train=True,
-                                  rng=keys["mfm_tgt_enc"])
-          if mfm_cfg.freeze == "encoder":
-            feats = jax.lax.stop_gradient(feats)
-          loss, bs = mfm_task.loss(rb, host, _vars(model_p, bs), feats, rng=keys["mfm_tgt"],
-                                   labels=pl, weights=pw, teacher_features=t_feats,
-                                   images=tgt_img)
-          terms["mfm_target"] = mfm_cfg.weight * loss
-        if mfm_cfg.domain in ("source", "both"):
-          feats = src_feats
-          if mfm_cfg.freeze == "encoder":
-            feats = jax.lax.stop_gradient(feats)
-          loss, bs = mfm_task.loss(rb, host, _vars(model_p, bs), feats, rng=keys["mfm_src"],
-                                   labels=src_lbl, weights=None, teacher_features=None,
-                                   images=src_img)
-          terms["mfm_source"] = mfm_cfg.weight * loss
+        mfm_terms, bs = mfm_task.terms(
+            params, host, bs, keys=keys,
+            target=dict(images=tgt_img, labels=pl, weights=pw, teacher_features=t_feats,
+                        teacher_logits=t_logits),
+            source=dict(images=src_img, labels=src_lbl, features=src_feats,
+                        teacher_features=t_src_feats))
+        terms.update(mfm_terms)
       total = sum(terms.values())
       return total, (terms, bs)
 

@@ -3,6 +3,7 @@ deployed network with MFM equals the one without (parameters and FLOPs)."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from mfm_jax import benchmark, config_lib, state as state_lib
@@ -40,21 +41,127 @@ def _trace(c):
   return set(metrics)
 
 
-@pytest.mark.parametrize("overrides,expect,absent", [
-    ({}, {"loss/mfm_target"}, {"loss/mfm_source"}),
-    ({"mfm.rebuild": False}, {"loss/mfm_target"}, set()),
-    ({"mfm.objective": "feature"}, {"loss/mfm_target"}, set()),
-    ({"mfm.objective": "pixel"}, {"loss/mfm_target"}, set()),
-    ({"mfm.domain": "source"}, {"loss/mfm_source"}, {"loss/mfm_target"}),
-    ({"mfm.domain": "both"}, {"loss/mfm_source", "loss/mfm_target"}, set()),
-    ({"mfm.freeze": "encoder"}, {"loss/mfm_target"}, set()),
-    ({"mfm.freeze": "decoder"}, {"loss/mfm_target"}, set()),
-    ({"mfm.levels": "all"}, {"loss/mfm_target"}, set()),
-    ({"mfm.mask_ratio": 0.7}, {"loss/mfm_target"}, set()),
-])
-def test_mfm_ablation_traces(overrides, expect, absent):
-  names = _trace(_config(**overrides))
-  assert expect <= names and not absent & names, names
+# The whole ablation grid (mfm_method.md "Ablations"): every combination `validate` accepts
+# traces through the one train step; every rejected one names the offending key.
+_GRID = [dict(rebuild=r, objective=o, domain=d, freeze=f, levels=lv)
+         for r in (True, False) for o in ("classification", "feature", "pixel")
+         for d in ("target", "source", "both") for f in ("none", "encoder", "decoder")
+         for lv in ("all", "last")]
+
+
+def _grid_config(combo, method="dacs"):
+  c = config_lib.experiment(method, True, "synthetic")
+  c.data.crop_size = (64, 64)  # last MiT level 2×2: a 2×2 token grid
+  for k, v in combo.items():
+    c.mfm[k] = v
+  return c
+
+
+def _accepted():
+  ok, rejected = [], []
+  for combo in _GRID:
+    try:
+      config_lib.validate(_grid_config(combo))
+      ok.append(combo)
+    except config_lib.ConfigError as e:
+      rejected.append((combo, str(e)))
+  return ok, rejected
+
+
+def test_ablation_grid_validation_names_the_key():
+  ok, rejected = _accepted()
+  assert len(ok) + len(rejected) == len(_GRID) == 108
+  # rebuild off only with classification; freeze=decoder only with classification.
+  for combo, msg in rejected:
+    assert combo["rebuild"] is False or combo["freeze"] == "decoder", combo
+    assert ("config.mfm.rebuild" in msg) or ("config.mfm.freeze" in msg), (combo, msg)
+  for combo in ok:
+    assert combo["rebuild"] or combo["objective"] == "classification"
+    assert combo["freeze"] != "decoder" or combo["objective"] == "classification"
+  assert len(ok) == 2 * (9 + 6 + 6) + 2 * 9  # 42 with the Rebuilder + 18 masking-only
+  c = _grid_config(dict(objective="classification"))
+  c.uda.enabled = False
+  with pytest.raises(config_lib.ConfigError, match="config.mfm.domain"):
+    config_lib.validate(c)
+  c = _grid_config(dict(mask_strategy="uncertainty", domain="both"))
+  with pytest.raises(config_lib.ConfigError, match="config.mfm.mask_strategy"):
+    config_lib.validate(c)
+  c = _grid_config(dict(objective="pixel"))
+  c.data.crop_size = (64, 96)
+  c.mfm.grid_size = 7
+  config_lib.validate(c)  # 2×3 last level → grid 2×3, 64/2 and 96/3 divide
+  c.data.crop_size = (96, 96)
+  c.mfm.grid_size = 2
+  config_lib.validate(c)
+  c.mfm.grid_size = 100
+  with pytest.raises(config_lib.ConfigError, match="config.mfm.grid_size"):
+    config_lib.validate(c)
+
+
+def _trace_ids():
+  ok, _ = _accepted()
+  # levels='last' only matters with the Rebuilder's projectors: trace it at freeze='none'.
+  return [c for c in ok if c["levels"] == "all" or (c["freeze"] == "none" and c["rebuild"])]
+
+
+@pytest.mark.parametrize("combo", _trace_ids(), ids=lambda c: "-".join(
+    f"{v}" for v in c.values()))
+def test_ablation_grid_traces(combo):
+  names = _trace(_grid_config(combo))
+  want = {"target": {"loss/mfm_target"}, "source": {"loss/mfm_source"},
+          "both": {"loss/mfm_target", "loss/mfm_source"}}[combo["domain"]]
+  assert {n for n in names if n.startswith("loss/mfm")} == want, names
+
+
+def test_mask_strategy_uncertainty_traces():
+  assert "loss/mfm_target" in _trace(_grid_config(dict(mask_strategy="uncertainty")))
+
+
+def _mfm_grads(combo):
+  """Gradients of the MFM term alone w.r.t. {'model', 'rebuilder'} on a random batch."""
+  c = _grid_config(combo)  # 64² crops: a 2×2 token grid, so some tokens are masked, some not
+  config_lib.validate(c)
+  host, task = state_lib.build_host(c), state_lib.build_mfm_task(c)
+  tx = state_lib.build_optimizer(c, host, task)
+  st = state_lib.create_train_state(c, host, task, tx)
+  rng = np.random.default_rng(0)
+  b = 2
+  img = jnp.asarray(rng.normal(size=(b, 64, 64, 3)), jnp.float32)
+  lbl = jnp.asarray(rng.integers(0, 19, size=(b, 64, 64)), jnp.int32)
+  keys = {k: jax.random.key(i) for i, k in enumerate(("mfm_tgt_enc", "mfm_tgt", "mfm_src"))}
+  bs = st.batch_stats
+
+  def f(params):
+    t_logits, t_feats, _ = host.predict({"params": st.ema_params, "batch_stats": bs}, img,
+                                        train=True)
+    src_feats, _ = host.encode({"params": params["model"], "batch_stats": bs}, img, train=True)
+    terms, _ = task.terms(params, host, bs, keys=keys,
+                          target=dict(images=img, labels=lbl, weights=jnp.ones((b, 64, 64)),
+                                      teacher_features=t_feats, teacher_logits=t_logits),
+                          source=dict(images=img, labels=lbl, features=src_feats,
+                                      teacher_features=t_feats))
+    return sum(terms.values())
+
+  return jax.jit(jax.grad(f))(st.params)
+
+
+def _norm(tree):
+  return float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree_util.tree_leaves(tree)))
+
+
+@pytest.mark.parametrize("objective,freezes", [("classification", ("encoder", "decoder")),
+                                               ("feature", ("encoder",))])
+def test_freeze_gives_exactly_zero_gradients(objective, freezes):
+  none = _mfm_grads(dict(freeze="none", objective=objective))
+  assert _norm(none["model"]["backbone"]) > 0 and _norm(none["rebuilder"]) > 0
+  for freeze in freezes:
+    g = _mfm_grads(dict(freeze=freeze, objective=objective))
+    frozen, other = (("backbone", "decode_head") if freeze == "encoder"
+                     else ("decode_head", "backbone"))
+    assert _norm(g["model"][frozen]) == 0.0, freeze
+    assert _norm(g["rebuilder"]) > 0
+    if objective == "classification":
+      assert _norm(none["model"][frozen]) > 0 and _norm(g["model"][other]) > 0
 
 
 @pytest.mark.parametrize("method,expect,absent", [
@@ -92,6 +199,8 @@ def test_benchmark_prints_its_figures_on_cpu():
   c = _config(**{"mesh.data": 1, "model.depthwise_impl": "xla"})  # cheapest compile
   out = benchmark.run(c, steps=2, warmup=1, with_torch=True)
   assert out["deployed_equal"] and out["devices"] == 1
+  assert out["rebuilder_params"] == benchmark.rebuilder_params(c) > 0
+  assert out["mfm_step_flops_ratio"] > 1.0 and out["xla_temp_gib_without_mfm"] > 0
   for key in ("compile_s", "step_s", "images_per_s", "xla_temp_gib", "xla_step_flops",
               "analytic_step_tflops", "achieved_tflops_s", "jax_supervised_step_s",
               "torch_step_s", "torch_over_jax_supervised"):

@@ -17,7 +17,6 @@ from flax import traverse_util
 
 from mfm_jax.models import daformer_head
 from mfm_jax.models import mit
-from mfm_jax.models import rebuilder
 from mfm_jax.models import segmentor
 
 from reference_data import STATEDICTS as _STATEDICTS  # noqa: E402
@@ -292,49 +291,6 @@ def test_mix_ffn_matches_numpy_with_erf_gelu():
   want = gelu @ p["fc2"]["kernel"] + p["fc2"]["bias"]
   np.testing.assert_allclose(np.asarray(module.apply(variables, x))[0], want, rtol=1e-4,
                              atol=1e-5)
-
-
-# ---------------------------------------------------------------- Rebuilder
-
-@pytest.mark.parametrize("h,w,kernel", [(8, 8, (1, 1)), (32, 32, (4, 4)), (20, 24, (2, 3)),
-                                        (4, 6, (1, 1))])
-def test_rebuilder_shapes(h, w, kernel):
-  g = 8
-  module = rebuilder.Rebuilder(out_channels=12, embed_dim=16, grid_size=g, depth=1, num_heads=2)
-  feat = jnp.zeros((2, h, w, 12))
-  mask = jnp.zeros((2, g, g), bool)
-  out, variables = jax.eval_shape(lambda: module.init_with_output(jax.random.key(0), feat, mask))
-  assert out.shape == (2, h, w, 12)
-  assert variables["params"]["projector"]["kernel"].shape == (*kernel, 16, 12)
-  assert variables["params"]["pos_embed"].shape == (g * g, 16)
-
-
-def test_rebuilder_mask_token_and_pixel_head():
-  g = 4
-  module = rebuilder.Rebuilder(out_channels=8, embed_dim=16, grid_size=g, depth=2, num_heads=4,
-                               pixel_dim=48)
-  feat = jnp.asarray(np.random.default_rng(5).normal(size=(1, 8, 8, 8)), jnp.float32)
-  none = jnp.zeros((1, g, g), bool)
-  variables = module.init(jax.random.key(0), feat, none)
-  offset, pixels = module.apply(variables, feat, none)
-  assert offset.shape == (1, 8, 8, 8) and pixels.shape == (1, g, g, 48)
-  # With every cell masked, the tokens no longer depend on the feature at all.
-  full = jnp.ones((1, g, g), bool)
-  a, _ = module.apply(variables, feat, full)
-  b, _ = module.apply(variables, feat * 3.0 + 1.0, full)
-  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  assert not np.allclose(a, offset)
-  with pytest.raises(ValueError, match="cell_mask"):
-    module.apply(variables, feat, jnp.zeros((1, g + 1, g + 1), bool))
-
-
-def test_build_rebuilder_from_config():
-  mfm = ml_collections.ConfigDict(dict(embed_dim=32, grid_size=4, depth=1, num_heads=4,
-                                       mlp_ratio=2.0))
-  module = segmentor.build_rebuilder(mfm, 128, compute_dtype="bfloat16")
-  assert (module.out_channels, module.embed_dim, module.grid_size, module.depth,
-          module.num_heads, module.mlp_ratio, module.dtype) == (128, 32, 4, 1, 4, 2.0,
-                                                                jnp.bfloat16)
 
 
 # ---------------------------------------------------------------- builders

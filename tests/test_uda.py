@@ -216,38 +216,21 @@ def test_feature_distance_value_and_safe_grads():
 
 
 # ----------------------------------------------------------------------------------------- MFM
-def test_cell_mask_exact_count_and_determinism():
-  key = jax.random.key(7)
-  m = np.asarray(jax.jit(mfm.cell_mask, static_argnums=(1, 2, 3))(key, 3, 16, 0.4))
-  assert m.dtype == bool and m.shape == (3, 16, 16)
-  np.testing.assert_array_equal(m.reshape(3, -1).sum(1), round(0.4 * 256))
-  np.testing.assert_array_equal(m, np.asarray(mfm.cell_mask(key, 3, 16, 0.4)))
-  assert not (m == np.asarray(mfm.cell_mask(jax.random.key(8), 3, 16, 0.4))).all()
-  assert not (m[0] == m[1]).all()
-  assert not mfm.cell_mask(key, 1, 4, 0.0).any() and mfm.cell_mask(key, 1, 4, 1.0).all()
-
-
-def test_level_mask_fuse_and_mask_features():
-  cells = jnp.array([[[True, False], [False, True]]])
-  lm = mfm.level_mask(cells, (4, 4))
+def test_level_mask_and_mask_features():
+  keep = jnp.array([[[0.0, 1.0], [1.0, 0.0]]])
+  lm = mfm.level_mask(keep, (4, 4))  # 1 = masked, nearest (PyTorch rule)
   np.testing.assert_array_equal(lm[0, :, :, 0], [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1],
                                                  [0, 0, 1, 1]])
+  np.testing.assert_array_equal(mfm.level_mask(keep, (3, 3))[0, :, :, 0],
+                                [[1, 1, 0], [1, 1, 0], [0, 0, 1]])
   rng = np.random.default_rng(3)
   feat = jnp.asarray(rng.normal(size=(1, 4, 4, 5)).astype(np.float32))
-  off = jnp.asarray(rng.normal(size=(1, 4, 4, 5)).astype(np.float32)) * 1e30
-  fused = np.asarray(mfm.fuse(feat, off, lm))
   vis = np.asarray(lm[..., 0]) == 0
-  assert fused[vis].tobytes() == np.asarray(feat)[vis].tobytes()  # bit-exact visible positions
-  np.testing.assert_array_equal(fused[~vis], np.asarray(off)[~vis])
-  # Gradients: offset gets M, features get (1 - M).
-  g_off, g_feat = jax.grad(lambda o, f: jnp.sum(mfm.fuse(f, o, lm)), argnums=(0, 1))(off, feat)
-  np.testing.assert_array_equal(np.asarray(g_off)[..., 0], np.asarray(lm)[..., 0])
-  np.testing.assert_array_equal(np.asarray(g_feat)[..., 0], 1 - np.asarray(lm)[..., 0])
   zeroed = np.asarray(mfm.mask_features(feat, lm))
   assert not zeroed[~vis].any()
   np.testing.assert_array_equal(zeroed[vis], np.asarray(feat)[vis])
   with pytest.raises(ValueError, match="mfm.py"):
-    mfm.fuse(feat, off, lm[:, :2])
+    mfm.mask_features(feat, lm[:, :2])
 
 
 def test_feature_regression_loss():
@@ -301,8 +284,8 @@ def test_helpers_under_jit_with_sharded_batch():
     mixed_lab = classmix.mix(cm, labels, pl)
     ce = losses.cross_entropy(logits, mixed_lab, classmix.mix(cm, jnp.ones_like(pw), pw))
     bm = masking.block_mask(k2, 4, 32, 32, 8, 0.7)
-    cells = mfm.cell_mask(k3, 4, 4, 0.4)
-    fused = mfm.fuse(feats, feats * 2, mfm.level_mask(cells, (2, 2)))
+    keep = mfm.keep_mask(k3, 4, (2, 2), 0.4)
+    fused = mfm.mask_features(feats, mfm.level_mask(keep, (2, 2)))
     fd = feature_distance.feature_distance(fused, feats, labels)
     # p = -1: the jitter draw always passes; blur = True with p(0.5) per key.
     aug1 = augment.strong_transform(k4, images, color_jitter_probability=-1.0)

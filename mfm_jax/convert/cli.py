@@ -16,6 +16,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 from mfm_jax.convert import mapping
+from mfm_jax.convert import rebuilder_mapping
 from mfm_jax.convert import torch_io
 
 
@@ -36,6 +37,8 @@ def convert_to_orbax(input_path: str, output_dir: str, arch: str = "auto",
   """
   output_dir = os.path.abspath(output_dir)
   _check_output(output_dir, overwrite)
+  if arch in rebuilder_mapping.ARCHS:
+    return _rebuilder_to_orbax(input_path, output_dir, arch, overwrite)
   ckpt = torch_io.load_checkpoint(input_path, which)
   arch = mapping.detect_arch(ckpt.state_dict) if arch == "auto" else arch
   variables = mapping.torch_to_flax(ckpt.state_dict, arch)
@@ -53,9 +56,22 @@ def convert_to_orbax(input_path: str, output_dir: str, arch: str = "auto",
           "notes": ckpt.notes}
 
 
+def _rebuilder_to_orbax(input_path: str, output_dir: str, arch: str, overwrite: bool
+                        ) -> dict[str, Any]:
+  """The released MFM Rebuilder (bare, or inside a whole training checkpoint) → Orbax."""
+  sd = rebuilder_mapping.unwrap(torch_io.read_pth(input_path), input_path)
+  out = rebuilder_mapping.convert_to_orbax(sd, output_dir, arch, overwrite)
+  params = out["params"]
+  return {"input": input_path, "output": output_dir, "arch": arch, "which": "rebuilder",
+          "tensors_read": len(sd), "buffers_dropped": 0,
+          "param_arrays": mapping.summarize(params)["arrays"], "param_count": _count(params),
+          "batch_stats_count": 0, "checksum": mapping.summarize({"params": params}),
+          "notes": out["notes"]}
+
+
 def export_to_torch(input_dir: str, output_path: str, arch: str = "auto",
                     which: str = "student", prefix: str = "",
-                    overwrite: bool = False) -> dict[str, Any]:
+                    overwrite: bool = False, grid: int = 16) -> dict[str, Any]:
   """Orbax checkpoint (converted, or a training checkpoint) → reference-named ``.pth``.
 
   ``which='teacher'`` exports a training checkpoint's EMA weights. A backbone ``arch``
@@ -63,6 +79,14 @@ def export_to_torch(input_dir: str, output_path: str, arch: str = "auto",
   """
   from mfm_jax import checkpoint  # pylint: disable=g-import-not-at-top
   _check_output(output_path, overwrite)
+  if arch in rebuilder_mapping.ARCHS:
+    params = checkpoint.load_params(input_dir, subtree=("params", "rebuilder"))
+    sd = rebuilder_mapping.flax_to_torch(params, arch, grid=grid)
+    torch_io.save_state_dict({prefix + k: v for k, v in sd.items()}, output_path)
+    return {"input": input_dir, "output": output_path, "arch": arch, "which": "rebuilder",
+            "tensors_written": len(sd), "param_count": _count(params), "batch_stats_count": 0,
+            "checksum": mapping.summarize({"params": params}),
+            "notes": [f"{rebuilder_mapping._POS_EMBED} written for a {grid}x{grid} grid"]}  # pylint: disable=protected-access
   if which not in ("student", "teacher"):
     raise ValueError(f"which={which!r}: an Orbax checkpoint holds 'student' or 'teacher' weights.")
   subtrees = ((("params", "model"), ("batch_stats",)) if which == "student"

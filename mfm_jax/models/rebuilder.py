@@ -1,118 +1,314 @@
-"""MFM Rebuilder: the light auxiliary network that reconstructs masked encoder features.
+"""MFM Rebuilder: the authors' released design (uda_reference.md §7.2b, mfm_method.md OFFICIAL).
 
-mfm_method.md "Forward pass" step 3 (overview figure, uda_reference.md §7.2):
-feature embedding (Linear C → 512, bilinear resize to a 16x16 grid) → masked cells replaced by a
-learnable mask token → 2 transformer blocks on the g·g tokens → projector = transposed conv back
-to C channels at the feature resolution. The output is the "offset" f_o; the residual fusion
-f_r = M ⊙ f_o + (1 − M) ⊙ f_t lives in ``mfm_jax/uda/mfm.py``. The Rebuilder is discarded at
-inference.
+Only the last encoder level is embedded (per-pixel Linear C_last → 512, bilinear resize to the
+token grid when the sizes differ) → masked tokens replaced by one learnable mask token → fixed
+2-D sin-cos positions → 2 pre-norm ViT blocks (16 heads, MLP ×4, qkv bias, LayerNorm eps 1e-5,
+exact GELU) → final LayerNorm → one projector per rebuilt level (kernel-4/stride-2 transposed
+convs with LayerNorm2d + GELU between them, a 1×1 conv to the level's channels, a final
+LayerNorm2d with eps 1e-6) → residual fusion at every level:
+``out_i = f_i ⊙ keep_i + offset_i ⊙ (1 − keep_i)``, keep_i the token-grid keep mask
+nearest-resized to level i. All rebuilt levels are masked at the same cells and their masked
+cells are predicted from the masked last-level tokens alone.
 
-OURS (the paper is silent, mfm_method.md): pre-norm blocks, 8 heads, MLP ratio 4, learned
-positional embedding, LayerNorm eps 1e-6, exact GELU, projector kernel = stride = max(1, h // g)
-followed by a bilinear resize when the sizes still differ.
+Differences from the release, all deliberate:
+
+* the keep mask ``[B, gh, gw]`` (1 = visible, 0 = masked) is an input, drawn by the caller from
+  the train step's RNG stream (``mfm_jax.uda.mfm``), so a run replays exactly and the same
+  module can be driven with a given mask;
+* crop sizes other than 512 (the release hard-codes 16×16 tokens and level sizes 128/64/32/16):
+  the token grid is ``min(grid_size, last level size)`` per axis and level i's projector has
+  ``ceil(log2(level size / grid))`` transposed convs; when that does not land exactly on the
+  level size (a non-power-of-two ratio) the offset is bilinearly resized to it (no antialias).
+  At 512 crops (and at 256 crops, grid 8) this gives exactly the release's ×8/×4/×2/×1 stacks;
+* ``pixel_dim > 0`` adds a Dense head on the tokens for the MAE-style pixel-regression ablation
+  (not part of the release; never built for the default objective).
+
+Parameter names mirror the released module's state_dict (``embedding.linear_embed``,
+``transformer.blocks.0.attn.qkv``, ``projector.projector1.fpn.0`` …; Flax joins a numeric part
+to its parent: ``blocks_0``, ``fpn_0``), so ``mfm_jax.convert`` maps them by rule. The
+positional table is a constant, not a parameter (the release registers it with
+``requires_grad=False``): trainable parameters 14,545,280 for MiT channels [64, 128, 320, 512]
+and 10,246,016 for the DeepLabV2 variant (2048 channels), as the release.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mfm_jax import ops
 
 Dtype = Any
 
-_LN_EPS = 1e-6
-_init = nn.initializers.normal(stddev=0.02)
+# LayerNorm eps: the transformer's 1e-5 (release: partial(nn.LayerNorm, eps=1e-5)); the
+# projectors' LayerNorm2d 1e-6 (timm LayerNorm2d default).
+TRANSFORMER_LN_EPS = 1e-5
+PROJECTOR_LN_EPS = 1e-6
+
+# Release init: every Linear xavier-uniform with zero bias, mask token N(0, 0.02); convolutions
+# and transposed convolutions keep PyTorch's default (kaiming-uniform a=√5 → U(±1/√fan_in) for
+# weight and bias; a ConvTranspose2d's fan_in is out_channels · k · k).
+_xavier = nn.initializers.xavier_uniform()
+_torch_conv_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-class TransformerBlock(nn.Module):
-  """Pre-norm block: x + MHSA(LN(x)); x + MLP(LN(x)) with exact GELU."""
+def _torch_conv_bias(fan_in: int):
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def sincos_pos_embed(embed_dim: int, grid: tuple[int, int]) -> np.ndarray:
+  """Fixed 2-D sin-cos table ``[gh * gw, embed_dim]`` (MAE style, as the release).
+
+  Token (i, j) (row-major) gets ``[sin(i·ω), cos(i·ω), sin(j·ω), cos(j·ω)]``: the row half
+  first, each half sin then cos, ω_k = 1 / 10000^(k / (D/4)) for k < D/4.
+  """
+  if embed_dim % 4:
+    raise ValueError(f"rebuilder.py: embed_dim {embed_dim} must be divisible by 4 for the 2-D "
+                     "sin-cos positional embedding.")
+  gh, gw = grid
+  omega = 1.0 / 10000.0 ** (np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4.0))
+  rows, cols = np.meshgrid(np.arange(gh, dtype=np.float64), np.arange(gw, dtype=np.float64),
+                           indexing="ij")
+
+  def half(pos):
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+  return np.concatenate([half(rows), half(cols)], axis=1).astype(np.float32)
+
+
+def upsample_steps(level_size: Sequence[int], grid: Sequence[int]) -> int:
+  """Number of ×2 transposed convs of a level's projector: ceil(log2(level / grid)), ≥ 0."""
+  ratio = max(level_size[0] / grid[0], level_size[1] / grid[1])
+  return max(0, math.ceil(math.log2(ratio) - 1e-9))
+
+
+class Attention(nn.Module):
+  """timm ``Attention``: one qkv Linear (bias), softmax(q kᵀ / √d_head) v, output proj."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, n, d = x.shape
+    hd = d // self.num_heads
+    qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=_xavier, name="qkv")(x)
+    qkv = qkv.reshape(b, n, 3, self.num_heads, hd).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) * (hd ** -0.5)
+    attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bhkd->bhqd", attn, v).transpose(0, 2, 1, 3).reshape(b, n, d)
+    return nn.Dense(d, dtype=self.dtype, kernel_init=_xavier, name="proj")(out)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_xavier, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)  # nn.GELU() in the release: exact
+    return nn.Dense(d, dtype=self.dtype, kernel_init=_xavier, name="fc2")(x)
+
+
+class Block(nn.Module):
+  """Pre-norm ViT block (timm ``Block``, no dropout / drop-path / layer-scale)."""
   num_heads: int
   mlp_ratio: float
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-    dim = x.shape[-1]
-    y = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm1")(x)
-    y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
-                                        kernel_init=_init, deterministic=deterministic,
-                                        name="attn")(y, y)
-    x = x + y
-    y = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm2")(x)
-    y = nn.Dense(int(dim * self.mlp_ratio), dtype=self.dtype, kernel_init=_init, name="fc1")(y)
-    y = nn.gelu(y, approximate=False)
-    y = nn.Dense(dim, dtype=self.dtype, kernel_init=_init, name="fc2")(y)
-    return x + y
+  def __call__(self, x: jax.Array) -> jax.Array:
+    ln = lambda name: nn.LayerNorm(epsilon=TRANSFORMER_LN_EPS, dtype=self.dtype, name=name)  # noqa: E731
+    x = x + Attention(self.num_heads, dtype=self.dtype, name="attn")(ln("norm1")(x))
+    return x + Mlp(int(x.shape[-1] * self.mlp_ratio), dtype=self.dtype,
+                   name="mlp")(ln("norm2")(x))
+
+
+class Embedding(nn.Module):
+  """Per-pixel Linear C → D, then a bilinear resize to the token grid (align_corners=False,
+  no antialias, like mmseg ``resize``) when the sizes differ."""
+  embed_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    x = nn.Dense(self.embed_dim, dtype=self.dtype, kernel_init=_xavier,
+                 name="linear_embed")(x.astype(self.dtype))
+    return ops.resize_bilinear(x, tuple(grid))
+
+
+class Transformer(nn.Module):
+  """Mask filling, fixed positions, ``depth`` blocks and a final LayerNorm."""
+  embed_dim: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, keep: jax.Array) -> jax.Array:
+    b, gh, gw, d = x.shape
+    mask_token = self.param("mask_token", nn.initializers.normal(0.02), (d,), jnp.float32)
+    keep = keep[..., None].astype(x.dtype)
+    # The release's formula (x · keep + (1 − keep) · token); keep is exactly 0 or 1.
+    x = x * keep + (1 - keep) * mask_token.astype(x.dtype)
+    x = x.reshape(b, gh * gw, d) + jnp.asarray(sincos_pos_embed(d, (gh, gw)), x.dtype)
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_ratio, dtype=self.dtype, name=f"blocks_{i}")(x)
+    x = nn.LayerNorm(epsilon=TRANSFORMER_LN_EPS, dtype=self.dtype, name="norm")(x)
+    return x.reshape(b, gh, gw, d)
+
+
+class ConvTranspose2x(nn.Module):
+  """PyTorch ``ConvTranspose2d(cin, cout, 4, stride=2, padding=1)``: exactly ×2.
+
+  The kernel is stored ``[4, 4, cout, cin]`` (torch's ``[cin, cout, 4, 4]`` through the
+  converter's generic OIHW → HWIO rule) and applied with ``transpose_kernel=True`` and padding
+  k − 1 − p = 2 on each side.
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, fan_in = 4, 16 * self.features
+    kernel = self.param("kernel", _torch_conv_kernel, (k, k, self.features, x.shape[-1]),
+                        jnp.float32)
+    bias = self.param("bias", _torch_conv_bias(fan_in), (self.features,), jnp.float32)
+    y = jax.lax.conv_transpose(x.astype(self.dtype), kernel.astype(self.dtype), (2, 2),
+                               ((2, 2), (2, 2)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                               transpose_kernel=True)
+    return y + bias.astype(self.dtype)
+
+
+class Projector(nn.Module):
+  """Tokens ``[B, gh, gw, D]`` → offset ``[B, h, w, C]`` of one level (release ``Projector``).
+
+  ``upsample_steps(size, grid)`` ×2 transposed convs (D → D/2 → D/4 → D/4 …, LayerNorm2d +
+  GELU between them), a 1×1 conv to ``out_channels``, LayerNorm2d. Module indices follow the release's
+  ``nn.Sequential`` (``fpn_0`` …), GELUs included (they hold no parameters).
+  """
+  out_channels: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    d, idx = x.shape[-1], 0
+    for s in range(upsample_steps(size, x.shape[1:3])):
+      if s:
+        x = nn.LayerNorm(epsilon=PROJECTOR_LN_EPS, dtype=self.dtype, name=f"fpn_{idx}")(x)
+        x = nn.gelu(x, approximate=False)
+        idx += 2
+      x = ConvTranspose2x(d // 2 if s == 0 else d // 4, dtype=self.dtype, name=f"fpn_{idx}")(x)
+      idx += 1
+    x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, kernel_init=_torch_conv_kernel,
+                bias_init=_torch_conv_bias(x.shape[-1]), name=f"fpn_{idx}")(x)
+    x = nn.LayerNorm(epsilon=PROJECTOR_LN_EPS, dtype=self.dtype, name="norm")(x)
+    return ops.resize_bilinear(x, size)  # no-op unless the level/grid ratio is no power of two
+
+
+class Projectors(nn.Module):
+  """The DAFormer variant's per-level projectors ``projector{i+1}`` (a ModuleDict there)."""
+  channels: tuple[int, ...]
+  levels: tuple[int, ...]
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, sizes: Sequence[tuple[int, int]]) -> list[jax.Array]:
+    return [Projector(self.channels[lvl], dtype=self.dtype, name=f"projector{lvl + 1}")(
+        tokens, sizes[lvl]) for lvl in self.levels]
+
+
+def level_keep(keep: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """Keep mask ``[B, gh, gw]`` nearest-resized (PyTorch rule) to a level: ``[B, h, w, 1]``."""
+  return ops.resize_nearest(keep.astype(jnp.float32)[..., None], tuple(size))
 
 
 class Rebuilder(nn.Module):
-  """Reconstructs features from a cell-masked copy.
+  """Rebuilds masked cells of the encoder features (see the module docstring).
 
   Attributes:
-    out_channels: C of the masked feature map (the projector's output channels).
-    embed_dim: token width (512, PAPER).
-    grid_size: g, the token grid side (16, PAPER).
-    depth: number of transformer blocks (2, PAPER).
-    num_heads: attention heads (8, OURS).
-    mlp_ratio: MLP hidden ratio (4, OURS).
-    pixel_dim: if > 0, also predict ``pixel_dim`` values per grid cell from the tokens (the
-      MAE-style pixel-regression ablation objective, mfm_method.md "objective").
-    dtype: compute dtype (params stay float32).
+    channels: C_i of every encoder level (MiT-B5: 64, 128, 320, 512; ResNet: …, 2048).
+    levels: indices of the levels masked and rebuilt: all four for the DAFormer head (release),
+      ``(last,)`` for the 'last' ablation and for the DeepLabV2 variant.
+    single_projector: the DeepLabV2 variant: one projector named ``projector`` for the last
+      level (the release returns the same map for every level; DeepLabV2 reads only that one).
+    embed_dim, depth, num_heads, mlp_ratio: 512, 2, 16, 4 (release).
+    pixel_dim: > 0 adds the pixel-regression ablation's Dense head on the tokens.
   """
-  out_channels: int
+  channels: tuple[int, ...]
+  levels: tuple[int, ...]
+  single_projector: bool = False
   embed_dim: int = 512
-  grid_size: int = 16
   depth: int = 2
-  num_heads: int = 8
+  num_heads: int = 16
   mlp_ratio: float = 4.0
   pixel_dim: int = 0
   dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, feature: jax.Array, cell_mask: jax.Array, *,
-               deterministic: bool = True) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """feature ``[B,h,w,C]``, cell_mask ``[B,g,g]`` bool (True = masked).
-
-    Returns the offset f_o ``[B,h,w,C]``, or ``(offset, pixels [B,g,g,pixel_dim])`` when
-    ``pixel_dim > 0``.
-    """
-    b, h, w, c = feature.shape
-    g = self.grid_size
-    if c != self.out_channels:
-      raise ValueError(f"rebuilder.py: feature has {c} channels, Rebuilder was built for "
-                       f"out_channels={self.out_channels}.")
-    if cell_mask.shape != (b, g, g):
-      raise ValueError(f"rebuilder.py: cell_mask must have shape {(b, g, g)} (grid_size={g}), "
-                       f"got {cell_mask.shape}.")
+  def setup(self):
     if self.embed_dim % self.num_heads:
       raise ValueError(f"rebuilder.py: embed_dim {self.embed_dim} is not divisible by "
                        f"num_heads {self.num_heads}.")
-    # Feature embedding: Linear C → embed_dim, then interpolate to the g×g grid.
-    x = nn.Dense(self.embed_dim, dtype=self.dtype, kernel_init=_init,
-                 name="embed")(feature.astype(self.dtype))
-    x = ops.resize_bilinear(x, (g, g))
-    # Mask filling with the learnable [M] token.
-    mask_token = self.param("mask_token", _init, (self.embed_dim,), jnp.float32)
-    x = jnp.where(cell_mask[..., None], mask_token.astype(x.dtype), x)
-    x = x.reshape(b, g * g, self.embed_dim)
-    pos_embed = self.param("pos_embed", _init, (g * g, self.embed_dim), jnp.float32)
-    x = x + pos_embed.astype(x.dtype)
-    for i in range(self.depth):
-      x = TransformerBlock(self.num_heads, self.mlp_ratio, dtype=self.dtype,
-                           name=f"blocks_{i}")(x, deterministic=deterministic)
-    x = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm")(x)
-    tokens = x.reshape(b, g, g, self.embed_dim)
-    # Projector: transposed conv with kernel = stride, back to C channels (h//g upsampling).
-    kh, kw = max(1, h // g), max(1, w // g)
-    offset = nn.ConvTranspose(self.out_channels, (kh, kw), strides=(kh, kw), padding="VALID",
-                              dtype=self.dtype, name="projector")(tokens)
-    offset = ops.resize_bilinear(offset, (h, w))  # no-op when g·k already equals (h, w)
+    if self.single_projector and tuple(self.levels) != (len(self.channels) - 1,):
+      raise ValueError("rebuilder.py: the single-projector (DeepLabV2) variant rebuilds only the "
+                       f"last level, got levels={self.levels}.")
+    self.embedding = Embedding(self.embed_dim, dtype=self.dtype)
+    self.transformer = Transformer(self.embed_dim, self.depth, self.num_heads, self.mlp_ratio,
+                                   dtype=self.dtype)
+    if self.single_projector:
+      self.projector = Projector(self.channels[-1], dtype=self.dtype)
+    else:
+      self.projector = Projectors(tuple(self.channels), tuple(self.levels), dtype=self.dtype)
     if self.pixel_dim > 0:
-      pixels = nn.Dense(self.pixel_dim, dtype=self.dtype, kernel_init=_init,
-                        name="pixel_head")(tokens)
-      return offset, pixels
-    return offset
+      self.pixel_head = nn.Dense(self.pixel_dim, dtype=self.dtype, kernel_init=_xavier)
+
+  def encode(self, last_feature: jax.Array, keep: jax.Array) -> jax.Array:
+    """Last level ``[B, h, w, C]`` + keep ``[B, gh, gw]`` → context tokens ``[B, gh, gw, D]``."""
+    return self.transformer(self.embedding(last_feature, tuple(keep.shape[1:3])), keep)
+
+  def offsets(self, tokens: jax.Array, sizes: Sequence[tuple[int, int]]) -> list[jax.Array]:
+    """The projectors' offsets f_o,i for ``self.levels`` (in that order)."""
+    if self.single_projector:
+      return [self.projector(tokens, sizes[-1])]
+    return self.projector(tokens, sizes)
+
+  def __call__(self, features: Sequence[jax.Array], keep: jax.Array
+               ) -> tuple[list[jax.Array], jax.Array | None]:
+    """features: the encoder levels ``[B, h_i, w_i, C_i]``; keep ``[B, gh, gw]`` (1 = visible).
+
+    Returns (the rebuilt feature list — levels not in ``self.levels`` unchanged —, per-cell
+    pixel predictions ``[B, gh, gw, pixel_dim]`` or None).
+    """
+    features = list(features)
+    if len(features) != len(self.channels):
+      raise ValueError(f"rebuilder.py: got {len(features)} feature levels, built for "
+                       f"{len(self.channels)}.")
+    for i, (f, c) in enumerate(zip(features, self.channels)):
+      if f.shape[-1] != c:
+        raise ValueError(f"rebuilder.py: level {i} has {f.shape[-1]} channels, expected {c}.")
+    last = features[-1]
+    if keep.ndim != 3 or keep.shape[0] != last.shape[0] or (
+        keep.shape[1] > last.shape[1] or keep.shape[2] > last.shape[2]):
+      raise ValueError(f"rebuilder.py: keep mask {keep.shape} must be [B, gh, gw] with the grid "
+                       f"no larger than the last level {last.shape[1:3]}.")
+    tokens = self.encode(last, keep)
+    sizes = [tuple(f.shape[1:3]) for f in features]
+    out = list(features)
+    for lvl, offset in zip(self.levels, self.offsets(tokens, sizes)):
+      f = features[lvl]
+      k = level_keep(keep, sizes[lvl]).astype(f.dtype)
+      out[lvl] = f * k + offset.astype(f.dtype) * (1 - k)
+    pixels = self.pixel_head(tokens) if self.pixel_dim > 0 else None
+    return out, pixels

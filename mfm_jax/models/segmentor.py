@@ -1,8 +1,8 @@
 """Encoder-decoder segmentor and the builders that turn a model config into modules.
 
 ``EncoderDecoder`` is the deployable network (param tree ``{'backbone', 'decode_head'}``,
-docs/architecture.md "Model contract"). The MFM ``Rebuilder`` is built separately by
-``build_rebuilder`` so that the deployed segmentor is exactly the host model.
+docs/architecture.md "Model contract"). The MFM ``Rebuilder`` is built separately (by
+``mfm_jax.mfm_task``) so that the deployed segmentor is exactly the host model.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from mfm_jax import ops
 from mfm_jax.models import daformer_head
 from mfm_jax.models import mit
-from mfm_jax.models import rebuilder as rebuilder_lib
 
 BACKBONES = tuple(mit.MIT_VARIANTS) + (
     "resnet50_v1c", "resnet101_v1c", "resnet50", "resnet101")
@@ -142,21 +141,23 @@ def build_segmentor(model_cfg: Any) -> EncoderDecoder:
   return EncoderDecoder(backbone=build_backbone(model_cfg), decode_head=build_head(model_cfg))
 
 
-def build_rebuilder(mfm_cfg: Any, feature_channels: int, compute_dtype: str = "float32",
-                    pixel_dim: int = 0) -> rebuilder_lib.Rebuilder:
-  """MFM ``Rebuilder`` for features with ``feature_channels`` channels.
+def level_sizes(model_cfg: Any, image_size: Sequence[int]) -> list[tuple[int, int]]:
+  """Spatial sizes of the 4 encoder levels for an input of ``image_size`` (no params built).
 
-  ``mfm_cfg`` keys: embed_dim (512), grid_size (16), depth (2), num_heads (8), mlp_ratio (4.0).
+  Every strided layer of both encoders (MiT's 7/4 and 3/2 patch embeddings; ResNet's 3/2
+  convs, 3/2 max-pool and 1×1/2 shortcuts, all padded k // 2) gives ceil(size / stride).
   """
-  return rebuilder_lib.Rebuilder(
-      out_channels=int(feature_channels),
-      embed_dim=int(_get(mfm_cfg, "embed_dim", 512)),
-      grid_size=int(_get(mfm_cfg, "grid_size", 16)),
-      depth=int(_get(mfm_cfg, "depth", 2)),
-      num_heads=int(_get(mfm_cfg, "num_heads", 8)),
-      mlp_ratio=float(_get(mfm_cfg, "mlp_ratio", 4.0)),
-      pixel_dim=int(pixel_dim),
-      dtype=parse_compute_dtype(compute_dtype))
+  name = _get(model_cfg, "backbone", required=True)
+  _check_choice("backbone", name, BACKBONES)
+  if name in mit.MIT_VARIANTS:
+    strides = (4, 2, 2, 2)
+  else:
+    strides = (4, 2, 1, 1) if _RESNETS[name][2] else (4, 2, 2, 2)  # stem + pool = 4
+  sizes, (h, w) = [], (int(image_size[0]), int(image_size[1]))
+  for s in strides:
+    h, w = -(-h // s), -(-w // s)
+    sizes.append((h, w))
+  return sizes
 
 
 def count_params(tree: Any) -> int:
