@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -241,3 +242,42 @@ def test_parse_override():
   assert cli.parse_override("data.crop_size=(32, 32)") == ("data.crop_size", (32, 32))
   with pytest.raises(ValueError, match="KEY=VALUE"):
     cli.parse_override("oops")
+
+
+# --- end to end: real subprocess runs, then the prediction grid --------------------------------
+
+
+@pytest.mark.slow
+def test_real_two_run_study_and_prediction_grid(tmp_path, monkeypatch):
+  from mfm_jax.study import visual  # pylint: disable=g-import-not-at-top
+  rows = [grids.Row("src", "source-only", "configs/source_only.py:synthetic"),
+          grids.Row("orc", "oracle", "configs/source_only.py:synthetic,oracle")]
+  monkeypatch.setitem(grids.STUDIES, "e2e", grids.Study(lambda: rows, (0,), ("src", "orc")))
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", os.path.join(
+      os.path.expanduser("~"), ".cache", "mfm_jax_test_xla"))
+  common = [("data.data_dir", str(tmp_path / "data")), ("data.synthetic.num_source", 12),
+            ("data.synthetic.num_target", 8), ("data.synthetic.num_val", 2),
+            ("data.crop_size", (32, 32)), ("uda.mic.block_size", 2), ("num_steps", 2),
+            ("log_every", 1), ("checkpoint_every", 2), ("mesh.data", 1)]
+  workdir = str(tmp_path / "study")
+  out = cli.run_study("e2e", workdir, common=common, visual=False, log=lambda _: None)
+  assert out["finished"] == ["src-s0", "orc-s0"], out
+  with open(os.path.join(workdir, "e2e", "results.json")) as f:
+    runs = json.load(f)["runs"]
+  assert [r["status"] for r in runs] == ["finished"] * 2
+  assert all(0 <= r["mIoU"] <= 100 and r["wall_s"] > 0 for r in runs)
+  config = visual.load_run_config(os.path.join(workdir, "runs", "src-s0"))
+  assert tuple(config.data.crop_size) == (32, 32) and config.num_steps == 2
+  png = visual.prediction_grid([os.path.join(workdir, "runs", n) for n in ("src-s0", "orc-s0")],
+                               str(tmp_path / "grid.png"), ["source-only", "oracle"],
+                               num_images=2)
+  with open(png, "rb") as f:
+    assert f.read(8) == PNG_MAGIC
+  images, gts, preds = visual.predict_images(
+      [os.path.join(workdir, "runs", "src-s0")], num_images=2)
+  assert len(images) == len(gts) == len(preds[0]) == 2
+  assert images[0].dtype == np.uint8 and images[0].shape[:2] == gts[0].shape == (96, 192)
+  assert preds[0][0].shape == gts[0].shape
+  # Colourised with the Cityscapes palette: road is (128, 64, 128), ignore black.
+  rgb = visual.colourise(np.array([[0, 255]]))
+  assert rgb.tolist() == [[[128, 64, 128], [0, 0, 0]]]

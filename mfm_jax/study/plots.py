@@ -67,11 +67,13 @@ def plot_sweep(records: Sequence[dict[str, Any]], runs: Sequence[grids.Run], pat
   fig, ax = plt.subplots(figsize=(5, 3.5))
   order = np.argsort(xs)
   x, m, sd = (np.asarray(a, np.float64)[order] for a in (xs, means, stds))
-  ax.errorbar(x, m, yerr=sd, marker="o", capsize=3, label=f"{swept[0].baseline}+MFM")
-  base = by_label.get(swept[0].baseline)
+  baseline = next((row.baseline for row in swept if row.baseline), None)
+  ax.errorbar(x, m, yerr=sd, marker="o", capsize=3,
+              label=f"{baseline}+MFM" if baseline else "mIoU")
+  base = by_label.get(baseline)
   if base and base["n"]:
     bstd = 0.0 if math.isnan(base["std"]) else base["std"]
-    ax.axhline(base["mean"], color="grey", ls="--", label=f"{swept[0].baseline} (no MFM)")
+    ax.axhline(base["mean"], color="grey", ls="--", label=f"{baseline} (no MFM)")
     ax.axhspan(base["mean"] - bstd, base["mean"] + bstd, color="grey", alpha=0.15)
   ax.set_xlabel(axis)
   ax.set_ylabel("target val mIoU (%)")
