@@ -173,6 +173,8 @@ def test_skip_and_resume(tiny_study, tmp_path):
     cli.run_study(tiny_study, workdir, launcher=fake, only="^a-s0$", figures=False,
                   common=[("optim.lr", 1e-3)], log=lambda _: None)
   assert not fake.calls
+  records = results.collect(grids.study_runs(tiny_study), workdir, common=[("optim.lr", 1e-3)])
+  assert {r["status"] for r in records} == {"other settings"}
 
 
 def test_finished_needs_the_final_evaluation(tmp_path):

@@ -39,7 +39,9 @@ def collect(runs: Sequence[grids.Run], workdir: str, common=()) -> list[dict[str
     }
     num_steps = spec.get("num_steps")
     path = os.path.join(rdir, "eval_results.json")
-    if num_steps is not None and runner.is_finished(rdir, num_steps):
+    if spec and not runner.spec_matches(spec, run, common):
+      rec["status"] = "other settings"  # made with other overrides: never counted as this run
+    elif num_steps is not None and runner.is_finished(rdir, num_steps):
       with open(path, encoding="utf-8") as f:
         report = json.load(f)
       rec.update(status="finished", mIoU=float(report["mIoU"]),

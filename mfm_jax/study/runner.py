@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 import mfm_jax
+from mfm_jax import config_lib
 from mfm_jax.study import grids
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(mfm_jax.__file__)))
@@ -160,6 +161,14 @@ def _write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def spec_matches(stored: dict[str, Any], run: grids.Run, common=()) -> bool:
+  """Whether a stored spec describes ``run`` (config, overrides, seed; not the step count)."""
+  ours = json.loads(json.dumps(
+      {"config": run.row.config, "seed": run.seed,
+       "overrides": [[k, v] for k, v in all_overrides(run, common)]}))
+  return all(stored.get(k) == v for k, v in ours.items())
+
+
 def _check_spec(rdir: str, spec: dict[str, Any]) -> dict[str, Any]:
   """Returns the stored spec (with its attempts), refusing one that describes another run."""
   stored = read_spec(rdir)
@@ -213,7 +222,6 @@ def plan(runs: Sequence[grids.Run], workdir: str, common=()) -> list[dict[str, A
     entry = {"run": run, "dir": rdir, "command": command(run, rdir, common)}
     try:
       config = build_config(run, common)
-      from mfm_jax import config_lib  # pylint: disable=g-import-not-at-top
       config_lib.validate(config)
     except (KeyError, ValueError, TypeError) as e:
       msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
