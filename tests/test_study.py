@@ -125,8 +125,8 @@ class FakeLauncher:
     last = 2 if killed else 4
     with open(os.path.join(rdir, "metrics.jsonl"), "a", encoding="utf-8") as f:
       for step in range(start + 1, last + 1):
-        f.write(json.dumps({"step": step, "loss/src_ce": 1.0 / step,
-                            "loss/total": 1.5 / step}) + "\n")
+        f.write(json.dumps({"step": step, "loss/total": 1.5 / step, "pseudo_weight": 0.5,
+                            "loss/src_ce": 1.0 / step, "lr": 1e-3}) + "\n")
         if step in (2, 4):
           f.write(json.dumps({"step": step, "eval/mIoU": _MIOU[run.row.slug, run.seed] - 4 + step})
                   + "\n")
@@ -235,7 +235,8 @@ def test_tables_and_figures_are_written(tiny_study, tmp_path):
       assert f.read(8) == PNG_MAGIC, name
   curves = plots.curves(os.path.join(workdir, "runs", "a-s0"))
   assert list(curves["eval/mIoU"][0]) == [2, 4]
-  assert plots.curve_keys([curves]) == ["eval/mIoU", "loss/src_ce", "loss/total"]
+  assert plots.curve_keys([curves]) == ["eval/mIoU", "loss/src_ce", "loss/total",
+                                        "pseudo_weight"]
 
 
 def test_parse_override():

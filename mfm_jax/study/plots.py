@@ -4,8 +4,8 @@
 * ``sweep.png``: mIoU vs the swept value (mask ratio), mean ± std, with the host without MFM
   as a band;
 * ``curves.png``: learning curves from each run's ``metrics.jsonl`` (``train.py``'s format: one
-  JSON object per logging step), target mIoU and every ``loss/*`` term, one colour per row,
-  mean over seeds (each seed thin).
+  JSON object per logging step), target mIoU, every ``loss/*`` term and the pseudo-label
+  weight, one colour per row, mean over seeds (each seed thin).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
 from mfm_jax.study import grids, results, runner  # noqa: E402  pylint: disable=g-import-not-at-top
 
 MIOU_KEY = "eval/mIoU"
+PSEUDO_KEY = "pseudo_weight"
 
 
 def _colours(n: int):
@@ -96,10 +97,13 @@ def curves(rdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def curve_keys(all_curves: Sequence[dict[str, Any]]) -> list[str]:
-  """Target mIoU first, then every loss term (``loss/*``, the total last)."""
+  """Target mIoU first, then every loss term (``loss/*``, the total last), then the
+  pseudo-label weight (it scales the target losses, MFM's included)."""
   keys = sorted({k for c in all_curves for k in c if k.startswith("loss/")})
   keys.sort(key=lambda k: k == "loss/total")
-  return ([MIOU_KEY] if any(MIOU_KEY in c for c in all_curves) else []) + keys
+  first = [MIOU_KEY] if any(MIOU_KEY in c for c in all_curves) else []
+  last = [PSEUDO_KEY] if any(PSEUDO_KEY in c for c in all_curves) else []
+  return first + keys + last
 
 
 def plot_curves(runs: Sequence[grids.Run], workdir: str, path: str, smooth: int = 5
