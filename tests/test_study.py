@@ -177,6 +177,22 @@ def test_skip_and_resume(tiny_study, tmp_path):
   assert {r["status"] for r in records} == {"other settings"}
 
 
+def test_a_run_locked_by_another_study_process_is_left_alone(tiny_study, tmp_path):
+  import fcntl  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path)
+  rdir = os.path.join(workdir, "runs", "a-s0")
+  os.makedirs(rdir)
+  fake = FakeLauncher()
+  with open(os.path.join(rdir, runner.LOCK_FILE), "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)  # as the other process does while it trains a-s0
+    out = cli.run_study(tiny_study, workdir, launcher=fake, figures=False, only="-s0$",
+                        log=lambda _: None)
+  assert out["busy"] == ["a-s0"] and fake.calls == ["b-s0"]
+  out = cli.run_study(tiny_study, workdir, launcher=fake, figures=False, only="-s0$",
+                      log=lambda _: None)
+  assert out["finished"] == ["a-s0"] and out["skipped"] == ["b-s0"]
+
+
 def test_finished_needs_the_final_evaluation(tmp_path):
   rdir = str(tmp_path)
   with open(os.path.join(rdir, "eval_results.json"), "w") as f:
@@ -229,7 +245,8 @@ def test_tables_and_figures_are_written(tiny_study, tmp_path):
   assert diff["mean"] == pytest.approx(2.25) and diff["by_seed"] == {"0": 1.0, "1": 3.5}
   assert doc["runs"][0]["per_class"]["wall"] is None
   md = open(os.path.join(out, "summary.md")).read()
-  assert "| host+MFM | 2/2 | 43.25 ± 3.18 |" in md and "| host+MFM − host | 2 | +2.25 ± 1.77 |" in md
+  assert "| host+MFM | 2/2 | 43.25 ± 3.18 |" in md
+  assert "| host+MFM − host | 2 | +2.25 ± 1.77 |" in md
   for name in ("methods.png", "sweep.png", "curves.png"):
     with open(os.path.join(out, name), "rb") as f:
       assert f.read(8) == PNG_MAGIC, name

@@ -9,12 +9,16 @@ Resumability: a run is *finished* when its workdir holds ``eval_results.json`` a
 unfinished run is relaunched in its own workdir, where ``train.py`` resumes from its newest
 checkpoint. Every run workdir records what it is (``study_run.json``: config, overrides, seed,
 and each attempt's wall time, exit code and the machine's load); relaunching a workdir with a
-different spec is refused, so results are never mixed.
+different spec is refused, so results are never mixed. A run being trained is locked
+(``.study.lock``), so two study processes on one workdir (e.g. ``hosts`` and ``ablations``,
+which share runs) never train the same run twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import importlib.util
 import json
 import os
@@ -22,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import ml_collections
 
@@ -32,6 +36,7 @@ from mfm_jax.study import grids
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(mfm_jax.__file__)))
 SPEC_FILE = "study_run.json"
+LOCK_FILE = ".study.lock"
 
 # launcher(run, run_dir, command, env) -> exit code; tests substitute a fake.
 Launcher = Callable[[grids.Run, str, list[str], dict[str, str]], int]
@@ -173,7 +178,7 @@ def _check_spec(rdir: str, spec: dict[str, Any]) -> dict[str, Any]:
   """Returns the stored spec (with its attempts), refusing one that describes another run."""
   stored = read_spec(rdir)
   if stored is None:
-    if os.path.isdir(rdir) and os.listdir(rdir):
+    if os.path.isdir(rdir) and set(os.listdir(rdir)) - {LOCK_FILE}:
       raise SpecMismatchError(f"{rdir} exists without {SPEC_FILE}: not a study run; move it.")
     return dict(spec, attempts=[])
   theirs = {k: stored.get(k) for k in _SPEC_KEYS}
@@ -239,51 +244,83 @@ def plan(runs: Sequence[grids.Run], workdir: str, common=()) -> list[dict[str, A
   return out
 
 
+@contextlib.contextmanager
+def _try_lock(rdir: str) -> Iterator[bool]:
+  """Non-blocking exclusive lock of a run dir: False if another study process holds it."""
+  os.makedirs(rdir, exist_ok=True)
+  with open(os.path.join(rdir, LOCK_FILE), "a", encoding="utf-8") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      yield False
+      return
+    try:
+      yield True
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _attempt(run: grids.Run, rdir: str, cmd: list[str], env: dict[str, str],
+             spec: dict[str, Any], launcher: Launcher) -> tuple[int | None, float]:
+  """Launches one attempt, recording its wall time, exit code and machine load in the spec."""
+  attempt = {"start": datetime.datetime.now().isoformat(timespec="seconds"),
+             "loadavg_start": list(os.getloadavg()), "returncode": None}
+  spec["attempts"].append(attempt)
+  _write_json(os.path.join(rdir, SPEC_FILE), spec)
+  t0 = time.time()
+  try:
+    attempt["returncode"] = launcher(run, rdir, cmd, env)
+  finally:  # also when interrupted: the time spent counts
+    attempt.update(wall_s=round(time.time() - t0, 1), loadavg_end=list(os.getloadavg()))
+    _write_json(os.path.join(rdir, SPEC_FILE), spec)
+  return attempt["returncode"], attempt["wall_s"]
+
+
 def execute(runs: Sequence[grids.Run], workdir: str, *, common=(),
             launcher: Launcher = launch_subprocess,
             after_each: Callable[[], None] | None = None,
             log: Callable[[str], None] = print) -> dict[str, list[str]]:
   """Runs every unfinished run of ``runs`` in order; returns run names by outcome.
 
-  ``after_each`` is called after every launched run (the study rewrites its tables there, so a
-  stopped study always leaves current ones).
+  Outcomes: finished, failed, skipped (already finished), invalid (the config does not build
+  or validate), busy (another study process is running it). ``after_each`` is called after
+  every launched run (the study rewrites its tables there, so a stopped study always leaves
+  current ones).
   """
-  outcome: dict[str, list[str]] = {"skipped": [], "finished": [], "failed": [], "invalid": []}
+  outcome: dict[str, list[str]] = {k: [] for k in ("skipped", "finished", "failed", "invalid",
+                                                  "busy")}
   env = child_env(workdir)
   entries = plan(runs, workdir, common)
   for i, entry in enumerate(entries):
-    run, rdir = entry["run"], entry["dir"]
+    run, rdir, num_steps = entry["run"], entry["dir"], entry["num_steps"]
     head = f"[{i + 1}/{len(entries)}] {run.name} ({run.row.label}, seed {run.seed})"
     if entry["status"] == "invalid":
       outcome["invalid"].append(run.name)
       log(f"{head}: invalid config, not run: {entry['error']}")
       continue
     # Also for finished runs: a run dir made with other settings must never count as this run.
-    spec = _check_spec(rdir, _spec(run, common, entry["num_steps"]))
+    spec = _check_spec(rdir, _spec(run, common, num_steps))
     if entry["status"] == "finished":
       outcome["skipped"].append(run.name)
       log(f"{head}: finished, skipped")
       continue
-    os.makedirs(rdir, exist_ok=True)
-    log(f"{head}: {entry['status']} → running in {rdir}")
-    attempt = {"start": datetime.datetime.now().isoformat(timespec="seconds"),
-               "loadavg_start": list(os.getloadavg())}
-    spec["attempts"].append(attempt)
-    _write_json(os.path.join(rdir, SPEC_FILE), spec)
-    t0 = time.time()
-    try:
-      code = launcher(run, rdir, entry["command"], env)
-    finally:
-      attempt.update(wall_s=round(time.time() - t0, 1), loadavg_end=list(os.getloadavg()))
-      attempt.setdefault("returncode", None)
-      _write_json(os.path.join(rdir, SPEC_FILE), spec)
-    attempt["returncode"] = code
-    _write_json(os.path.join(rdir, SPEC_FILE), spec)
-    if code == 0 and is_finished(rdir, entry["num_steps"]):
+    with _try_lock(rdir) as locked:
+      if not locked:
+        outcome["busy"].append(run.name)
+        log(f"{head}: running in another study process, skipped")
+        continue
+      if is_finished(rdir, num_steps):  # finished by another process since the plan
+        outcome["skipped"].append(run.name)
+        log(f"{head}: finished, skipped")
+        continue
+      spec = _check_spec(rdir, _spec(run, common, num_steps))
+      log(f"{head}: {entry['status']} → running in {rdir}")
+      code, wall = _attempt(run, rdir, entry["command"], env, spec, launcher)
+    if code == 0 and is_finished(rdir, num_steps):
       outcome["finished"].append(run.name)
       with open(os.path.join(rdir, "eval_results.json"), encoding="utf-8") as f:
         miou = json.load(f)["mIoU"]
-      log(f"{head}: mIoU {miou:.2f} in {attempt['wall_s']:.0f} s")
+      log(f"{head}: mIoU {miou:.2f} in {wall:.0f} s")
     else:
       outcome["failed"].append(run.name)
       log(f"{head}: FAILED (exit code {code}); see {os.path.join(rdir, 'log.txt')}")
