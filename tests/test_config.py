@@ -43,6 +43,31 @@ def test_every_preset_builds(path, arg):
   assert ("rebuilder" in abstract.params) == bool(c.mfm.enabled and c.mfm.rebuild)
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
+def test_study_preset(path):
+  """`study` = `synthetic` at 256² crops: the MiT's last level (stride 32) is 8×8."""
+  from mfm_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  if _load(path, "").model.hrda.enabled:
+    with pytest.raises(ValueError, match="no HRDA"):
+      _load(path, "study")
+    return
+  c, small = _load(path, "study"), _load(path, "synthetic")
+  config_lib.validate(c)
+  assert c.data.source == small.data.source == "synthetic_source"
+  assert min(c.data.crop_size) // 32 >= 8 and c.mfm.grid_size == min(c.data.crop_size) // 32
+  w, h = c.data.synthetic.width, c.data.synthetic.height
+  assert h >= c.data.crop_size[0] and w >= c.data.crop_size[1]
+  assert tuple(c.data.target_scale) == tuple(c.data.test_scale) == (w, h)
+  # Prepared datasets are keyed by size: the study's never overwrite the 192×96 ones.
+  assert synthetic.synthetic_key(c.data) != synthetic.synthetic_key(small.data)
+  if os.path.basename(path) == "mic_mfm_daformer.py":
+    host = state_lib.build_host(c)
+    task = state_lib.build_mfm_task(c)
+    abstract = state_lib.abstract_train_state(c, host, task,
+                                              state_lib.build_optimizer(c, host, task))
+    assert "rebuilder" in abstract.params
+
+
 def test_parse_arg():
   p = config_lib.parse_arg("synthetic,steps=20,mfm=False", **config_lib.PRESETS)
   assert p.synthetic is True and p.steps == 20 and p.mfm is False
