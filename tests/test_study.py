@@ -40,7 +40,7 @@ def test_ablation_and_masking_grids():
   expected = {(), *[((k, v),) for k, vs in (
       ("mfm.mask_ratio", (0.2, 0.6, 0.8)), ("mfm.rebuild", (False,)),
       ("mfm.objective", ("feature", "pixel")), ("mfm.domain", ("both", "source")),
-      ("mfm.freeze", ("encoder", "decoder"))) for v in vs]}
+      ("mfm.freeze", ("encoder", "decoder")), ("mfm.levels", ("last",))) for v in vs]}
   assert overrides == expected  # () twice: DAFormer and DAFormer+MFM (different configs)
   sweep = sorted(r.row.sweep[1] for r in runs if r.row.sweep and r.seed == 0)
   assert sweep == [0.2, 0.4, 0.6, 0.8]

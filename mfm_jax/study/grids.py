@@ -109,6 +109,8 @@ def ablations_rows() -> list[Row]:
     rows.append(variant(f"dom_{domain}", f"domain {domain}", [("mfm.domain", domain)]))
   for part in ("encoder", "decoder"):
     rows.append(variant(f"freeze_{part}", f"freeze {part}", [("mfm.freeze", part)]))
+  # The pre-release behaviour: only the last encoder level masked and rebuilt.
+  rows.append(variant("levels_last", "last level only", [("mfm.levels", "last")]))
   return rows
 
 
