@@ -318,16 +318,9 @@ class Checkpointer:
     self.close()
 
 
-def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """``{'params/model/w': shape}`` of a state, an abstract state or Orbax tree metadata."""
-  return {"/".join(_key_name(k) for k in path): tuple(leaf.shape)
+  return {_path_str(path): tuple(leaf.shape)
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
           if hasattr(leaf, "shape")}
 

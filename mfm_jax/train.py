@@ -51,7 +51,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   step had run yet).
   """
   config_lib.validate(config)
-  with run_lock.hold(workdir), stopping.StopRequest() as stop:
+  with stopping.StopRequest() as stop, run_lock.hold(workdir):
     return _train(config, workdir, stop, stop_at)
 
 
@@ -74,6 +74,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: stopping.StopR
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  keep=config.keep_checkpoints,
                                  save_interval_steps=config.checkpoint_every)
+  if stop.requested:  # signalled while the data was prepared: no model built, nothing saved
+    step = ckpt.latest_step() or 0
+    ckpt.close()
+    return {"stopped_at": step, "preempted": stop.name, "saved": False}
   restored = None
   if ckpt.all_steps():
     abstract = state_lib.abstract_train_state(config, host, mfm_task, tx, repl)

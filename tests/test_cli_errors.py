@@ -100,3 +100,26 @@ def test_guard_maps_errors_to_exit_codes(capsys, monkeypatch):
 def test_strict_json():
   text = json_io.dumps({"a": float("nan"), "b": [np.float32(np.inf), 1.5], "c": np.int64(3)})
   assert text == '{"a": null, "b": [null, 1.5], "c": 3}'
+
+
+def test_main_exits_75_on_sigterm(tmp_path):
+  """The scheduler sees a distinct code: SIGTERM once the run owns its workdir → exit 75 (here
+  before the first step, so nothing is saved and no model is compiled)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  work = tmp_path / "w"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "mfm_jax.main", "--config=configs/source_only.py:synthetic",
+       f"--workdir={work}", f"--config.data.data_dir={tmp_path / 'data'}",
+       "--config.data.synthetic.num_source=8", "--config.data.synthetic.num_target=4",
+       "--config.data.synthetic.num_val=2"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while not (work / "run.lock").exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == errors.PREEMPTED == 75, err[-3000:]
+  assert "SIGTERM received" in err and "Traceback" not in err
+  assert not (work / "run.lock").exists()

@@ -139,7 +139,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, data_dir, monkeypa
   # log_every=100: no metric is read at step 3 or 4; the flag carried in the state is read
   # before the save at step 4, which is refused.
   with pytest.raises(train.NonFiniteLossError,
-                     match=r"between steps 2 and 4.*last good checkpoint \(step 2\) is kept"
+                     match=r"between steps 3 and 4.*last good checkpoint \(step 2\) is kept"
                      ) as err:
     train.train_and_evaluate(small_config(**{"data.data_dir": data_dir, "log_every": 100}),
                              work)
