@@ -82,6 +82,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: stopping.StopR
   if ckpt.all_steps():
     abstract = state_lib.abstract_train_state(config, host, mfm_task, tx, repl)
     restored = ckpt.restore_latest_good(abstract)
+    if restored is None:
+      logging.warning("No checkpoint in %s could be read (all moved aside as damaged); "
+                      "training starts again from step 0.", ckpt.directory)
   if restored is not None:
     start, state, extra = restored
     data_iter.set_state(extra["data"])
