@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Several GPUs on one node: one process drives all local GPUs; the global batch is split over
 # them (data parallelism over the mesh's `data` axis). Edit the block, then: bash launch/multi_gpu.sh
+# Exit codes (mfm_jax/errors.py): 0 done, 1 user error, 3 non-finite loss, 4 checkpoint save
+# failed, 75 stopped by SIGTERM/SIGINT with a checkpoint: run this script again to resume.
 set -euo pipefail
 # ---- edit here -------------------------------------------------------------------------
 CONFIG="configs/mic_mfm.py"

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # One GPU. Edit the block below, then: bash launch/single_gpu.sh
+# Exit codes (mfm_jax/errors.py): 0 done, 1 user error, 3 non-finite loss, 4 checkpoint save
+# failed, 75 stopped by SIGTERM/SIGINT with a checkpoint: run this script again to resume.
 set -euo pipefail
 # ---- edit here -------------------------------------------------------------------------
 CONFIG="configs/mic_mfm.py"            # add ":preset" for variants, e.g. ":bf16"

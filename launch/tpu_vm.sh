@@ -4,6 +4,8 @@
 # Edit the block, then from your workstation:
 #   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all \
 #     --command "cd mfm_jax && bash launch/tpu_vm.sh"
+# Exit codes (mfm_jax/errors.py): 0 done, 1 user error, 3 non-finite loss, 4 checkpoint save
+# failed, 75 stopped by SIGTERM/SIGINT with a checkpoint: run this script again to resume.
 set -euo pipefail
 # ---- edit here -------------------------------------------------------------------------
 CONFIG="configs/mic_mfm.py:bf16"

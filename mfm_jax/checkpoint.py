@@ -10,12 +10,21 @@ complete, so an interrupted save is never listed)::
 The reference keeps one checkpoint at iteration 40k (uda_reference.md §2.7, max_keep 1); here
 the interval and ``keep`` are configurable. All processes call ``save``/``restore``; Orbax
 decides which host writes what.
+
+Failures: saves are synchronous, so a failed write (disk full, read-only directory) raises
+``CheckpointSaveError`` naming the step directory and the cause at once, in the caller's thread,
+and leaves the older checkpoints as they were (an asynchronous save reported its error only at
+the next save and then left Orbax threads waiting minutes for signals that never came).
+``restore_latest_good`` skips a damaged newest checkpoint: it is renamed to
+``<step>.damaged-<time>`` (kept for inspection, ignored by Orbax) and the next older one is used.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+
+from mfm_jax import errors
 
 STATE_ITEM = "state"
 EXTRA_ITEM = "extra"
@@ -33,12 +45,23 @@ EXTRA_ITEM = "extra"
 _PER_PROCESS = "__per_process__"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
   """A checkpoint directory is missing, empty, corrupt or does not hold what was asked for."""
 
 
 class NonFiniteStateError(CheckpointError):
   """The state to be saved holds NaN/Inf values; it is not written."""
+
+  exit_code = errors.NON_FINITE
+
+
+class CheckpointSaveError(CheckpointError):
+  """Writing a checkpoint failed (I/O); older checkpoints are untouched."""
+
+  exit_code = errors.CHECKPOINT_SAVE_FAILED
+
+
+DAMAGED_TAG = ".damaged-"
 
 
 def _path_str(path: Sequence[Any]) -> str:
@@ -128,6 +151,8 @@ class Checkpointer:
         create=True,
         # Leftovers of saves interrupted before the final rename are deleted at start-up.
         cleanup_tmp_directories=True,
+        # Synchronous: a failed write raises here, at once (see the module docstring).
+        enable_async_checkpointing=False,
     )
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=(STATE_ITEM, EXTRA_ITEM))
@@ -146,8 +171,9 @@ class Checkpointer:
 
     Returns whether a checkpoint was written (False when skipped by the interval or when
     ``step`` is already saved). Raises ``NonFiniteStateError`` before writing anything if a
-    floating leaf is NaN/Inf, so the last good checkpoint always survives. The write itself is
-    asynchronous; call ``wait()`` to block until it is on disk.
+    floating leaf is NaN/Inf, so the last good checkpoint always survives, and
+    ``CheckpointSaveError`` (naming the directory and the cause) when the write fails. The
+    checkpoint is on disk when this returns.
     """
     step = int(step)
     if step in self._manager.all_steps():
@@ -163,11 +189,23 @@ class Checkpointer:
     check_finite(state)
     if jax.process_count() > 1:
       extra = _gather_per_process(extra)
-    return self._manager.save(
-        step, args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardSave(state),
-            EXTRA_ITEM: ocp.args.JsonSave(extra),
-        }), force=True)
+    good = self.all_steps()
+    try:
+      saved = self._manager.save(
+          step, args=ocp.args.Composite(**{
+              STATE_ITEM: ocp.args.StandardSave(state),
+              EXTRA_ITEM: ocp.args.JsonSave(extra),
+          }), force=True)
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  (Orbax/tensorstore/OS errors)
+      kept = (f"the last good checkpoint (step {good[-1]}) is kept" if good
+              else "no earlier checkpoint exists")
+      cause = f"{type(e).__name__}: {e}".strip()
+      raise CheckpointSaveError(
+          f"Saving the checkpoint of step {step} to {self.directory / str(step)} failed: "
+          f"{cause}; {kept}. Free disk space or fix the permissions of {self.directory}, then "
+          "run again to resume.") from e
+    return saved
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores ``(state, extra)`` at ``step`` (default: latest) onto ``abstract_state``.
@@ -187,15 +225,21 @@ class Checkpointer:
       raise CheckpointError(
           f"No checkpoint for step {step} in {self.directory}; available steps: {steps}")
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(**{
-          STATE_ITEM: ocp.args.StandardRestore(abstract_state),
-          EXTRA_ITEM: ocp.args.JsonRestore(),
-      }))
+      restored = self._read(step, abstract_state)
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointError(
           f"Could not restore step {step} from {self.directory} onto the given target "
           f"(structure/shape mismatch?): {e}") from e
-    extra = dict(restored[EXTRA_ITEM] or {})
+    return restored[STATE_ITEM], self._own_extra(step, restored[EXTRA_ITEM])
+
+  def _read(self, step: int, abstract_state: Any) -> Any:
+    return self._manager.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+        EXTRA_ITEM: ocp.args.JsonRestore(),
+    }))
+
+  def _own_extra(self, step: int, extra: Any) -> dict:
+    extra = dict(extra or {})
     if _PER_PROCESS in extra:
       per_process = extra[_PER_PROCESS]
       if len(per_process) != jax.process_count():
@@ -204,10 +248,62 @@ class Checkpointer:
             f"this run has {jax.process_count()}; per-process state (e.g. data iterators) cannot "
             "be resumed on a different process count.")
       extra = per_process[jax.process_index()]
-    return restored[STATE_ITEM], extra
+    return extra
+
+  def restore_latest_good(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+    """Restores the newest readable checkpoint as ``(step, state, extra)``; None if there is none.
+
+    A checkpoint whose data or metadata cannot be read is damaged: it is renamed to
+    ``<step>.damaged-<time>`` (by process 0; kept, never deleted) with a warning, and the next
+    older one is tried. A checkpoint that reads fine but whose tree does not match
+    ``abstract_state`` (the config changed) is not damage: ``CheckpointError`` says what differs
+    and nothing is moved.
+    """
+    _check_abstract(abstract_state)
+    want = _shapes(abstract_state)
+    for step in reversed(self.all_steps()):
+      try:
+        have = self._saved_shapes(step)
+      except Exception:  # pylint: disable=broad-except  (unreadable metadata: try the data)
+        have = None
+      if have is not None and have != want:
+        raise CheckpointError(
+            f"Checkpoint step {step} in {self.directory} does not fit this config "
+            f"({_describe_difference(have, want)}); was it written with another model or "
+            "method config? Use another workdir, or the config it was written with.")
+      problem = None
+      try:
+        restored = self._read(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except  (tensorstore/ocdbt/JSON errors)
+        problem = e
+      if _everywhere(problem is None):
+        return step, restored[STATE_ITEM], self._own_extra(step, restored[EXTRA_ITEM])
+      self._move_aside(step, problem)
+    return None
+
+  def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      metadata = handler.metadata(self.directory / str(step) / STATE_ITEM)
+    finally:
+      handler.close()
+    return _shapes(metadata.tree if hasattr(metadata, "tree") else metadata)
+
+  def _move_aside(self, step: int, problem: BaseException | None) -> None:
+    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    aside = self.directory / f"{step}{DAMAGED_TAG}{stamp}"
+    cause = f"{type(problem).__name__}: {problem}" if problem else "unreadable on another process"
+    logging.warning("Checkpoint step %d in %s is damaged (%s); moved it to %s and trying the "
+                    "previous one.", step, self.directory, cause.splitlines()[0][:500], aside)
+    if jax.process_index() == 0:
+      os.rename(os.fspath(self.directory / str(step)), os.fspath(aside))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"mfm_jax_checkpoint_aside_{step}")
+    self._manager.reload()
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves are finalised."""
+    """Blocks until pending saves are finalised (saves are synchronous: a safety net)."""
     self._manager.wait_until_finished()
 
   def close(self) -> None:
@@ -220,6 +316,31 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """``{'params/model/w': shape}`` of a state, an abstract state or Orbax tree metadata."""
+  return {_path_str(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if hasattr(leaf, "shape")}
+
+
+def _describe_difference(have: dict, want: dict) -> str:
+  missing = sorted(set(want) - set(have))
+  unexpected = sorted(set(have) - set(want))
+  shapes = sorted(k for k in set(have) & set(want) if have[k] != want[k])
+  parts = [f"{label} {len(keys)}: {', '.join(keys[:3])}" + (" ..." if len(keys) > 3 else "")
+           for label, keys in (("missing", missing), ("unexpected", unexpected),
+                               ("other shape", shapes)) if keys]
+  return "; ".join(parts)
+
+
+def _everywhere(ok: bool) -> bool:
+  """Whether ``ok`` holds on every process (a collective in multi-process runs)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(ok))).min())
 
 
 def _resolve_state_dir(path: epath.Path) -> epath.Path:

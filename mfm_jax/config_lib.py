@@ -13,6 +13,7 @@ from typing import Any
 
 import ml_collections
 
+from mfm_jax import errors
 from mfm_jax.data import labels
 
 # ---------------------------------------------------------------------------------------------
@@ -130,6 +131,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.folder.source_dir = ""
   c.data.folder.target_dir = ""
   c.data.folder.label_map = ""  # JSON {label id: train id}; '' = Cityscapes label ids
+  # Colour (RGB/RGBA) label files: 'reject' | 'first_channel' (class id in R); see prepare.
+  c.data.folder.rgb_labels = "reject"
 
   c.uda = ml_collections.ConfigDict()
   c.uda.enabled = True  # False = source-only training
@@ -269,6 +272,7 @@ _CHOICES = {
     "eval.which": ("student", "teacher"),
     "init_scope": ("model", "backbone"),
     "model.hrda.mfm_features": ("context", "detail"),
+    "data.folder.rgb_labels": ("reject", "first_channel"),
 }
 
 _RANGES = {  # key: (low, high, low inclusive, high inclusive)
@@ -301,7 +305,7 @@ def _get(c: ml_collections.ConfigDict, key: str) -> Any:
   return c
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config value is invalid; the message names the key."""
 
 
@@ -337,6 +341,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key, (lr_mult, decay_mult) in dict(c.optim.custom_keys).items():
     if lr_mult < 0 or decay_mult < 0:
       raise ConfigError(f"config.optim.custom_keys[{key!r}] multipliers must be >= 0.")
+  from mfm_jax import config_checks  # pylint: disable=g-import-not-at-top
+  try:
+    config_checks.check(c)  # names, crop divisibility, HRDA rules, block sizes
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def validate_mfm(c: ml_collections.ConfigDict) -> None:

@@ -8,11 +8,13 @@ it as JSON next to the checkpoint (``<PATH>.eval_<which>_<mode>.json``).
 
 Inference follows ``config.eval`` ('whole' at ``config.data.test_scale`` or 'slide' with
 ``config.eval.crop_size`` / ``stride``), student (the reference's choice) or EMA teacher.
+The JSON is strict (absent classes are ``null``, not ``NaN``). User errors (config, missing
+data, an unreadable or mismatching checkpoint) print one line and exit 1 (``--verbose``: with
+the traceback).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -20,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mfm_jax import checkpoint, config_lib, inference, state as state_lib
+from mfm_jax import checkpoint, config_lib, errors, inference, json_io, state as state_lib
 from mfm_jax.data import pipeline
 from mfm_jax.evaluation import format_report
 
@@ -73,7 +75,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str,
   config_lib.validate(config)
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.exists(path):
-    raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+    raise checkpoint.CheckpointError(f"Checkpoint {path} does not exist.")
   host = state_lib.build_host(config)
   batches = pipeline.make_eval_dataset(config.data, process_index=jax.process_index(),
                                        process_count=jax.process_count())
@@ -82,10 +84,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str,
   report.update(checkpoint=path, which=which, mode=config.eval.mode)
   output = output or f"{path.rstrip(os.sep)}.eval_{which}_{config.eval.mode}.json"
   if jax.process_index() == 0:
-    tmp = f"{output}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-      json.dump(report, f, indent=2, sort_keys=True)
-    os.replace(tmp, output)
+    json_io.write_atomic(output, report)
     print(format_report(report), flush=True)
     print(f"Wrote {output}", flush=True)
   return report
@@ -99,11 +98,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "Config file[:preset].", lock_config=True)
   flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory or a PyTorch .pth file.")
   flags.DEFINE_enum("which", "student", ["student", "teacher"], "Student or EMA-teacher weights.")
   flags.DEFINE_string("output", "", "JSON output path (default: next to the checkpoint).")
   flags.mark_flags_as_required(["config", "checkpoint"])
-  app.run(main)
+  errors.run(main)

@@ -1,7 +1,7 @@
 """Scalar logging without TensorFlow: a JSONL file plus a hand-encoded TensorBoard event file.
 
-``metrics.jsonl`` holds one JSON object per ``write_scalars`` call (``{"step": s, **scalars}``),
-easy to read back with pandas or ``json``. The TensorBoard file
+``metrics.jsonl`` holds one JSON object per ``write_scalars`` call (``{"step": s, **scalars}``,
+non-finite values as ``null``), easy to read back with pandas or ``json``. The TensorBoard file
 ``events.out.tfevents.<unix time>.<hostname>`` is a TFRecord stream of ``Event`` protobufs:
 
   record  = uint64 length | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data)
@@ -16,7 +16,6 @@ progress line (step, it/s, ETA).
 from __future__ import annotations
 
 import collections
-import json
 import os
 import socket
 import struct
@@ -25,6 +24,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+
+from mfm_jax import json_io
 
 # --- CRC-32C (Castagnoli), reflected polynomial 0x82F63B78, table driven. ---
 
@@ -145,7 +146,8 @@ class MetricWriter:
     values = {str(k): _to_scalar(str(k), v) for k, v in scalars.items()}
     if "step" in values:
       raise ValueError("write_scalars: 'step' is reserved for the step number")
-    self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+    # Strict JSON: NaN/Inf (e.g. the IoU of a class absent from the split) are written as null.
+    self._jsonl.write(json_io.dumps({"step": int(step), **values}) + "\n")
     floats = {k: float(v) for k, v in values.items()}
     self._events.write(tfrecord_frame(encode_event(time.time(), int(step), scalars=floats)))
     # Logging happens every few dozen steps; flushing each time keeps the files usable after a

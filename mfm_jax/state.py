@@ -88,9 +88,10 @@ def merge_strict(target: Any, loaded: Any, what: str) -> Any:
   shapes = sorted(f"{k}: expected {tuple(t[k].shape)}, got {tuple(np.shape(l[k]))}"
                   for k in set(t) & set(l) if tuple(t[k].shape) != tuple(np.shape(l[k])))
   if missing or unexpected or shapes:
+    from mfm_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
     def show(xs):
       return ", ".join(xs[:12]) + (f", … ({len(xs)} in all)" if len(xs) > 12 else "")
-    raise ValueError(
+    raise CheckpointError(
         f"Cannot load {what}: missing {len(missing)} [{show(missing)}]; unexpected "
         f"{len(unexpected)} [{show(unexpected)}]; shape mismatches {len(shapes)} [{show(shapes)}].")
   out = {tuple(k.split("/")): np.asarray(l[k]).astype(t[k].dtype) for k in t}
@@ -106,7 +107,8 @@ def load_init(config: ml_collections.ConfigDict, variables: dict[str, Any]) -> d
   params = dict(variables["params"])
   if config.init_scope == "backbone":
     if "backbone" not in model:
-      raise ValueError(f"config.init_from={path!r} has no 'backbone' parameters.")
+      raise checkpoint.CheckpointError(
+          f"config.init_from={path!r} has no 'backbone' parameters.")
     params["model"] = {**params["model"],
                        "backbone": merge_strict(params["model"]["backbone"], model["backbone"],
                                                 f"backbone weights from {path}")}
@@ -149,7 +151,8 @@ def create_train_state(config: ml_collections.ConfigDict, host: SegmentationHost
         ema_params=copy(params["model"]) if teacher else None,
         ema_batch_stats=copy(bstats) if teacher else None,
         imnet_params=copy(params["model"]["backbone"]) if imnet else None,
-        imnet_batch_stats=copy(bstats.get("backbone", {})) if imnet else None)
+        imnet_batch_stats=copy(bstats.get("backbone", {})) if imnet else None,
+        nonfinite=jnp.zeros((), jnp.bool_))
 
   mfm_init = bool(config.mfm.enabled and config.mfm.rebuild and config.mfm.init_from)
   if config.init_from or mfm_init:
@@ -174,7 +177,8 @@ def abstract_train_state(config, host, mfm_task, tx, sharding=None) -> TrainStat
         opt_state=tx.init(params), ema_params=params["model"] if teacher else None,
         ema_batch_stats=bstats if teacher else None,
         imnet_params=params["model"]["backbone"] if imnet else None,
-        imnet_batch_stats=bstats.get("backbone", {}) if imnet else None)
+        imnet_batch_stats=bstats.get("backbone", {}) if imnet else None,
+        nonfinite=jnp.zeros((), jnp.bool_))
   shapes = jax.eval_shape(make)
   if sharding is None:
     return shapes

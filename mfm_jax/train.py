@@ -1,90 +1,44 @@
 """Training loop: data, jitted update, logging, evaluation, checkpoints, signals.
 
-``train_and_evaluate(config, workdir)`` resumes from the newest checkpoint in ``workdir`` if
-there is one (state + data-iterator position), so a stopped run continues exactly. SIGTERM
-saves a checkpoint and exits cleanly; a non-finite loss stops the run with a clear message and
-never overwrites the last good checkpoint.
+``train_and_evaluate(config, workdir)`` holds the work directory's lock (``run_lock``) and
+resumes from the newest readable checkpoint in it (state + data-iterator position; a damaged
+newest one is moved aside), so a stopped run continues exactly. SIGTERM/SIGINT stop the run
+after the current step with a checkpoint (``stopping``); a non-finite loss, flagged inside the
+step and read with the logged metrics, stops it without overwriting the last good checkpoint; a
+failed save stops it at once. README, "Failure behaviour", lists the exit codes ``main`` maps
+these outcomes to.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 
-from mfm_jax import checkpoint, config_lib, inference, metric_writers, parallel, state as state_lib
+from mfm_jax import (checkpoint, config_lib, errors, inference, json_io, metric_writers, parallel,
+                     run_lock, state as state_lib, stopping)
 from mfm_jax.data import pipeline
 from mfm_jax.evaluation import format_report, report_scalars
 from mfm_jax.train_step import make_update_fn
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(errors.UserError, RuntimeError):
   """A loss became NaN/inf; the last good checkpoint is kept."""
 
-
-class _SigtermFlag:
-  """Turns SIGTERM into a flag checked once per step (the step itself is never interrupted)."""
-
-  def __init__(self):
-    self.raised = False
-    self._old = None
-
-  def __enter__(self):
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not in the main thread (e.g. some test runners)
-      self._old = None
-    return self
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-    self.raised = True
-
-  def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+  exit_code = errors.NON_FINITE
 
 
-class _FinishSavesOnError:
-  """On an exception, lets pending asynchronous checkpoint saves finalise before it propagates
-  (otherwise the last good checkpoint would be left as an unfinalised temporary directory)."""
-
-  def __init__(self, ckpt):
-    self.ckpt = ckpt
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, exc_type, *exc):
-    if exc_type is not None:
-      try:
-        self.ckpt.wait()
-      except Exception:  # pylint: disable=broad-except
-        logging.exception("Waiting for pending checkpoint saves failed.")
-    return False
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
-def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None) -> None:
-  bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
-  if bad:
-    kept = (f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None
-            else "no checkpoint was written")
-    raise NonFiniteLossError(f"Non-finite values at step {step}: {bad}; training stopped and "
-                             f"{kept}. Lower config.optim.lr or check the data.")
+def _raise_non_finite(first: int, last: int, last_saved: int | None, detail: str = "") -> None:
+  kept = (f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None
+          else "no checkpoint was written")
+  where = f"at step {last}" if first >= last else f"between steps {first} and {last}"
+  raise NonFiniteLossError(f"Non-finite loss or gradient {where}; training stopped and {kept}. "
+                           f"Lower config.optim.lr or check the data.{detail}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -92,15 +46,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains ``config`` in ``workdir`` and returns the final evaluation report.
 
   ``stop_at`` ends the run after that step with a checkpoint, as a preemption would (the
-  schedule still targets ``config.num_steps``; a later call resumes).
+  schedule still targets ``config.num_steps``; a later call resumes). A SIGTERM/SIGINT returns
+  ``{'stopped_at': step, 'preempted': 'SIGTERM', 'saved': bool}`` (``saved`` is False when no
+  step had run yet).
   """
   config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  with stopping.StopRequest() as stop, run_lock.hold(workdir):
+    return _train(config, workdir, stop, stop_at)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop: stopping.StopRequest,
+           stop_at: int | None) -> dict[str, Any]:
   mesh = parallel.make_mesh(config.mesh.data)
   is_main = jax.process_index() == 0
-  writer = metric_writers.MetricWriter(workdir, enabled=is_main)
   if is_main:
-    _write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+    json_io.write_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
 
   # Data first: a missing dataset fails in seconds, before any model is built.
   data_iter = pipeline.make_train_iterator(
@@ -114,10 +74,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  keep=config.keep_checkpoints,
                                  save_interval_steps=config.checkpoint_every)
-  start = ckpt.latest_step()
-  if start is not None:
+  if stop.requested:  # signalled while the data was prepared: no model built, nothing saved
+    step = ckpt.latest_step() or 0
+    ckpt.close()
+    return {"stopped_at": step, "preempted": stop.name, "saved": False}
+  restored = None
+  if ckpt.all_steps():
     abstract = state_lib.abstract_train_state(config, host, mfm_task, tx, repl)
-    state, extra = ckpt.restore(abstract, step=start)
+    restored = ckpt.restore_latest_good(abstract)
+    if restored is None:
+      logging.warning("No checkpoint in %s could be read (all moved aside as damaged); "
+                      "training starts again from step 0.", ckpt.directory)
+  if restored is not None:
+    start, state, extra = restored
     data_iter.set_state(extra["data"])
     logging.info("Resumed from %s at step %d.", ckpt.directory, start)
   else:
@@ -132,8 +101,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   schedule = state_lib.optim.lr_schedule(
       config.optim.lr, config.num_steps, config.optim.warmup_steps, config.optim.warmup_ratio,
       config.optim.power, config.optim.min_lr)
+  writer = metric_writers.MetricWriter(workdir, enabled=is_main)
 
-  def run_eval(step: int) -> dict[str, Any]:
+  def run_eval(step: int, log_table: bool = True) -> dict[str, Any]:
     t0 = time.time()
     # Evaluation runs per process on its first local device (its own shard of the split), so
     # processes with unequal shard sizes never wait for each other inside a computation.
@@ -143,61 +113,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                          process_count=jax.process_count())
     report = inference.evaluate(config, host, variables, batches, predict_fn)
     writer.write_scalars(step, report_scalars(report))
-    logging.info("Evaluation at step %d (%.1fs):\n%s", step, time.time() - t0,
-                 format_report(report))
+    if log_table:
+      logging.info("Evaluation at step %d (%.1fs):\n%s", step, time.time() - t0,
+                   format_report(report))
+    else:
+      logging.info("Evaluation at step %d (%.1fs): mIoU %.2f", step, time.time() - t0,
+                   report["mIoU"])
     return report
 
-  progress = metric_writers.Progress(config.num_steps, start)
-  report = None
-  t_compile = time.time()
-  with _SigtermFlag() as sigterm, _FinishSavesOnError(ckpt):
-    for step in range(start, config.num_steps):
+  try:
+    if start < config.num_steps:
       batch = parallel.shard_batch(next(data_iter), mesh)
-      state, metrics = update(state, batch)
+      t_compile = time.time()
+      step_fn = stopping.compile_interruptibly(update, (state, batch), stop)
+      if step_fn is None:
+        return {"stopped_at": start, "preempted": stop.name, "saved": False}
+      logging.info("Compiled the train step in %.1fs.", time.time() - t_compile)
+    progress = metric_writers.Progress(config.num_steps, start)
+    checked = start  # the non-finite flag was last read after this step
+    for step in range(start, config.num_steps):
+      if step > start:
+        batch = parallel.shard_batch(next(data_iter), mesh)
+      state, metrics = step_fn(state, batch)
       done = step + 1
       if step == start:
         jax.block_until_ready(metrics)
-        logging.info("First step (compile + run) took %.1fs.", time.time() - t_compile)
         progress = metric_writers.Progress(config.num_steps, done)  # rate without compilation
-      log_now = done % config.log_every == 0 or done == config.num_steps or step == start
-      save_now = (done % config.checkpoint_every == 0 or done == config.num_steps
-                  or sigterm.raised or done == stop_at)
-      if log_now or save_now:
-        host_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(done, host_metrics, last_saved)
-        if log_now:
-          host_metrics["lr"] = float(schedule(step))
-          writer.write_scalars(done, host_metrics)
-          logging.info("%s | %s", progress.line(done), " ".join(
-              f"{k}={v:.4g}" for k, v in sorted(host_metrics.items())))
-      if done % config.eval_every == 0 and done != config.num_steps:
+      if done % config.log_every == 0 or done == config.num_steps or step == start:
+        host_metrics, nonfinite = jax.device_get((metrics, state.nonfinite))
+        if nonfinite:
+          _raise_non_finite(checked + 1, done, last_saved)
+        checked = done
+        host_metrics = {k: float(v) for k, v in host_metrics.items()}
+        host_metrics["lr"] = float(schedule(step))
+        writer.write_scalars(done, host_metrics)
+        logging.info("%s | %s", progress.line(done), " ".join(
+            f"{k}={v:.4g}" for k, v in sorted(host_metrics.items())))
+      if done % config.eval_every == 0 and done != config.num_steps and not stop.requested:
         run_eval(done)
-      if sigterm.raised and not save_now:  # the flag may have been raised during this step
-        save_now = True
-        _check_finite(done, {k: float(v) for k, v in jax.device_get(metrics).items()},
-                      last_saved)
-      if save_now:
+      stop_now = stop.should_stop(done)
+      if (done % config.checkpoint_every == 0 or done == config.num_steps or stop_now
+          or done == stop_at):
+        if checked != done and bool(jax.device_get(state.nonfinite)):
+          _raise_non_finite(checked + 1, done, last_saved)
+        checked = done
         try:
           if ckpt.save(done, state, extra={"data": data_iter.get_state()}, force=True):
             last_saved = done
         except checkpoint.NonFiniteStateError as e:
-          raise NonFiniteLossError(
-              f"Non-finite parameters after step {done}; training stopped and "
-              f"{'the last good checkpoint (step %s) is kept' % last_saved}. {e}") from e
-      if done == stop_at and not sigterm.raised:
-        ckpt.wait()
-        writer.close()
+          _raise_non_finite(done, done, last_saved, f" {e}")
+      if stop_now:
+        logging.warning("Stopped by %s after step %d; checkpoint saved. Run the same command "
+                        "again to resume.", stop.name, done)
+        return {"stopped_at": done, "preempted": stop.name, "saved": True}
+      if done == stop_at:
         return {"stopped_at": done}
-      if sigterm.raised:
-        ckpt.wait()
-        writer.close()
-        logging.warning("Stopped by SIGTERM after step %d; checkpoint saved.", done)
-        return {"stopped_at": done}
-  ckpt.wait()
-  report = run_eval(config.num_steps)
-  if is_main:
-    _write_json_atomic(os.path.join(workdir, "eval_results.json"), report)
-    print(format_report(report), flush=True)
-  writer.close()
-  ckpt.close()
-  return report
+    report = run_eval(config.num_steps, log_table=False)
+    if is_main:
+      json_io.write_atomic(os.path.join(workdir, "eval_results.json"), report)
+      print(format_report(report), flush=True)
+    return report
+  finally:
+    writer.close()
+    try:
+      ckpt.close()
+    except Exception:  # pylint: disable=broad-except  (never mask the error being raised)
+      logging.exception("Closing the checkpoint manager failed.")

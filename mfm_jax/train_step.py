@@ -49,6 +49,9 @@ class TrainState:
   ema_batch_stats: Any  # teacher BN statistics (its own, not averaged: §2.2)
   imnet_params: Any  # frozen ImageNet encoder copy for the feature distance
   imnet_batch_stats: Any
+  # Sticky flag, OR-ed every step: a loss or the gradient norm was NaN/Inf at some step. The
+  # loop reads it with the logged metrics and before every save (no host sync per step).
+  nonfinite: jax.Array
 
 
 def needs_teacher(config: ml_collections.ConfigDict) -> bool:
@@ -164,8 +167,10 @@ def make_update_fn(config: ml_collections.ConfigDict, host: SegmentationHost,
     metrics["grad_norm"] = optax.global_norm(grads)
     if with_grads:
       metrics["grads"] = grads
+    finite = jnp.isfinite(total) & jnp.isfinite(metrics["grad_norm"])
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
-                              opt_state=opt_state, ema_params=ema_params, ema_batch_stats=ema_bs)
+                              opt_state=opt_state, ema_params=ema_params, ema_batch_stats=ema_bs,
+                              nonfinite=state.nonfinite | ~finite)
     return new_state, metrics
 
   return update_fn

@@ -271,3 +271,140 @@ def test_two_process_save_restore(tmp_path):
   with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
     with pytest.raises(checkpoint.CheckpointError, match="`extra` of 2 processes"):
       ckpt.restore(abstract)
+
+
+# ---------------------------------------------------------------- failures
+
+
+def test_failed_save_stops_at_once_and_keeps_the_last_good(tmp_path, monkeypatch):
+  """A forced failure inside Orbax's save (a full disk) raises at once, naming path and cause."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  host = _host_state()
+  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", keep=1, save_interval_steps=1)
+  assert ckpt.save(1, _put(host, _replicated4()))
+  original = ocp.CheckpointManager.save
+
+  def full_disk(self, step, *args, **kwargs):
+    if step == 2:
+      raise OSError(errno.ENOSPC, "No space left on device", str(self.directory / "2"))
+    return original(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+  t0 = time.time()
+  with pytest.raises(checkpoint.CheckpointSaveError) as err:
+    ckpt.save(2, _put(_host_state(2.0), _replicated4()))
+  assert time.time() - t0 < 10
+  msg = str(err.value)
+  assert str(tmp_path / "ckpt" / "2") in msg and "No space left on device" in msg
+  assert "last good checkpoint (step 1) is kept" in msg
+  assert err.value.exit_code == 4
+  monkeypatch.undo()
+  ckpt.close()
+  one = SingleDeviceSharding(jax.devices()[0])
+  with checkpoint.Checkpointer(tmp_path / "ckpt", keep=1) as again:
+    assert again.all_steps() == [1]
+    restored, _ = again.restore(_abstract(host, lambda x: one))
+  _assert_tree_equal(restored, host)
+
+
+_READ_ONLY = textwrap.dedent("""
+    import os, subprocess, sys, time
+    sys.path.insert(0, sys.argv[2])
+    import jax.numpy as jnp
+    from mfm_jax import checkpoint
+    root = sys.argv[1]
+    ckpt = checkpoint.Checkpointer(root, keep=1, save_interval_steps=1)
+    ckpt.save(1, {"w": jnp.arange(4.0)})
+    if os.geteuid() == 0:  # root ignores permission bits: make the directory immutable
+      if subprocess.run(["chattr", "+i", root], capture_output=True).returncode:
+        print("SKIP: cannot make the directory read-only"); sys.exit(0)
+    else:
+      os.chmod(root, 0o555)
+    t0 = time.time()
+    try:
+      ckpt.save(2, {"w": jnp.arange(4.0) + 1})
+      print("FAIL: saved into a read-only directory")
+    except checkpoint.CheckpointSaveError as e:
+      print(f"RAISED after {time.time() - t0:.1f}s: {e}")
+    finally:
+      if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", root])
+      else:
+        os.chmod(root, 0o755)
+""")
+
+
+def test_save_into_read_only_directory_fails_fast_and_the_process_exits(tmp_path):
+  """The real failure of the probe: no background error, no 5-minute wait at exit."""
+  import time  # pylint: disable=g-import-not-at-top
+  script = tmp_path / "ro.py"
+  script.write_text(_READ_ONLY)
+  root = tmp_path / "ckpt"
+  t0 = time.time()
+  proc = subprocess.run([sys.executable, str(script), str(root), _REPO], capture_output=True,
+                        text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  elapsed = time.time() - t0
+  if "SKIP" in proc.stdout:
+    pytest.skip(proc.stdout)
+  assert proc.returncode == 0 and "RAISED" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+  assert str(root / "2") in proc.stdout and "last good checkpoint (step 1)" in proc.stdout
+  assert elapsed < 60, elapsed  # whole process, start-up included
+  assert checkpoint.load_params(root, subtree=("w",)).tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def _damage(step_dir):
+  """Overwrites every array data file of a saved state (same size, garbage content)."""
+  hit = 0
+  for dirpath, _, files in os.walk(step_dir / "state"):
+    for name in files:
+      if os.sep + "d" in dirpath:
+        path = os.path.join(dirpath, name)
+        with open(path, "r+b") as f:
+          f.write(b"\xff" * os.path.getsize(path))
+        hit += 1
+  assert hit
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax teardown
+def test_damaged_newest_checkpoint_is_moved_aside(tmp_path, caplog):
+  host = _host_state()
+  root = tmp_path / "ckpt"
+  ckpt = checkpoint.Checkpointer(root, keep=3, save_interval_steps=1)
+  ckpt.save(1, _put(host, _replicated4()), extra={"data": 1})
+  ckpt.save(2, _put(_host_state(2.0), _replicated4()), extra={"data": 2})
+  ckpt.close()
+  _damage(root / "2")
+  one = SingleDeviceSharding(jax.devices()[0])
+  ckpt = checkpoint.Checkpointer(root, keep=3, save_interval_steps=1)
+  with pytest.raises(Exception):  # what a plain restore of the damaged step does
+    ckpt.restore(_abstract(host, lambda x: one), step=2)
+  with caplog.at_level("WARNING"):
+    step, restored, extra = ckpt.restore_latest_good(_abstract(host, lambda x: one))
+  assert step == 1 and extra == {"data": 1}
+  _assert_tree_equal(restored, host)
+  aside = [p.name for p in root.iterdir() if p.name.startswith("2" + checkpoint.DAMAGED_TAG)]
+  assert len(aside) == 1 and "damaged" in caplog.text and aside[0] in caplog.text
+  assert ckpt.all_steps() == [1]
+  assert ckpt.save(2, _put(_host_state(3.0), _replicated4()))  # the step can be saved again
+  ckpt.close()
+  with checkpoint.Checkpointer(root) as again:  # the damaged copy is kept and never listed
+    assert again.all_steps() == [1, 2]
+  assert aside[0] in os.listdir(root)
+
+
+def test_config_mismatch_is_not_damage(tmp_path):
+  host = _host_state()
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=3, save_interval_steps=1)
+  ckpt.save(1, _put(host, _replicated4()))
+  one = SingleDeviceSharding(jax.devices()[0])
+  other = host.replace(params={**host.params, "model": {**host.params["model"],
+                                                        "w": np.zeros((5, 3), np.float32)}})
+  with pytest.raises(checkpoint.CheckpointError, match=r"does not fit .*other shape 1: "
+                                                       r"params/model/w"):
+    ckpt.restore_latest_good(_abstract(other, lambda x: one))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
+  assert checkpoint.Checkpointer(tmp_path / "empty").restore_latest_good(
+      _abstract(host, lambda x: one)) is None
+  ckpt.close()

@@ -81,9 +81,38 @@ def test_parse_arg():
     ("data.batch_size", 0, "data.batch_size"),
     ("data.crop_size", (512,), "data.crop_size"),
     ("optim.lr", -1.0, "optim.lr"),
+    # Values that used to pass validation and fail deep inside training (after the workdir).
+    ("data.crop_size", (65, 65), r"data.crop_size=\(65, 65\) must be a multiple of 32"),
+    ("data.source", "gta6", "data.source='gta6' is unknown"),
+    ("data.target", "gta5", "data.target='gta5' has no validation split"),
+    ("data.target", "folder_target", "data.folder.target_dir is empty"),
+    ("model.backbone", "mit_b9", "model.backbone='mit_b9'"),
+    ("uda.mic.block_size", 1000, "uda.mic.block_size=1000"),
+    ("eval.stride", (2048, 2048), "eval.stride"),
+    ("data.folder.rgb_labels", "blue", "data.folder.rgb_labels"),
 ])
 def test_validate_names_the_key(key, value, match):
   c = config_lib.experiment("mic", True, "synthetic")
+  node = c
+  *parents, leaf = key.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  if key == "eval.stride":
+    c.eval.mode = "slide"
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(c)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("model.hrda.hr_crop_size", (128, 128), "hr_crop_size=.*exceeds"),
+    ("model.hrda.hr_slide_stride", (30, 30), "hr_slide_stride"),
+    # Context features of a 160 crop at scale 0.5: 80 px → 3 cells, which do not divide 160.
+    ("data.crop_size", (160, 160), r"data.crop_size=\(160, 160\).*feature distance"),
+])
+def test_validate_runs_the_hrda_rules(key, value, match):
+  c = config_lib.experiment("mic", True, "synthetic", hrda=True)
+  config_lib.validate(c)
   node = c
   *parents, leaf = key.split(".")
   for p in parents:

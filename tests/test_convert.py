@@ -257,6 +257,24 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
   assert not marker.exists()
 
 
+class _EvilSystem:
+  """A blocked-module global (os.system): torch words this refusal differently."""
+
+  def __reduce__(self):
+    return (os.system, ("touch EXECUTED",))
+
+
+def test_malicious_zip_pickle_with_blocked_module_names_it(tmp_path):
+  path = str(tmp_path / "evil_zip.pth")
+  torch.save({"state_dict": {"w": torch.zeros(2)}, "meta": _EvilSystem()}, path)  # zip format
+  with pytest.raises(torch_io.UnsafeCheckpointError) as err:
+    torch_io.load_state_dict(path)
+  msg = str(err.value)
+  assert "evil_zip.pth" in msg and "nothing was executed" in msg
+  assert "system" in msg and "blocked" in msg and "truncated" not in msg
+  assert not os.path.exists("EXECUTED")
+
+
 def test_truncated_and_missing_files(tmp_path):
   path = tmp_path / "w.pth"
   torch.save({"w": torch.zeros(100)}, path)

@@ -5,6 +5,7 @@ atomicity."""
 import json
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -302,6 +303,8 @@ def test_killed_prepare_leaves_no_dataset_then_cli_succeeds(tmp_path):
   proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, raw, data], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 7, proc.stderr[-2000:]
+  incomplete = os.path.join(data, "mfm_gta5", "full")
+  assert any(n.startswith("incomplete.") for n in os.listdir(incomplete))  # TFDS leftover
   with pytest.raises(builders.DatasetNotPreparedError):
     builders.open_split("gta5", "train", data)
   with pytest.raises(builders.DatasetNotPreparedError):
@@ -312,3 +315,42 @@ def test_killed_prepare_leaves_no_dataset_then_cli_succeeds(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "gta5: train: 4 images" in proc.stdout
   assert len(builders.open_split("gta5", "train", data)) == 4
+  assert not [n for n in os.listdir(incomplete) if n.startswith("incomplete.")]  # cleaned
+  assert "left by an interrupted prepare" in proc.stderr
+
+
+def test_lossy_and_colour_labels_are_rejected_naming_the_file(tmp_path):
+  root, data = str(tmp_path / "gta"), str(tmp_path / "tfds")
+  raw = make_gta(root, n=3)
+  label = f"{root}/labels/00001.png"
+  ids = raw["images/00001.png"][1]
+  # JPEG data behind a .png name (the probe: classes silently changed at edges).
+  PIL.Image.fromarray(ids, mode="L").save(label, format="JPEG", quality=95)
+  with pytest.raises(builders.PrepareError, match=re.escape(label) + ".*JPEG"):
+    builders.prepare("gta5", root, data)
+  # A colour label: refused, pointing at the flag.
+  colour = np.stack([ids, np.roll(ids, 1, axis=1), ids // 2], -1).astype(np.uint8)
+  _save(label, colour)
+  with pytest.raises(builders.PrepareError) as err:
+    builders.prepare("gta5", root, data)
+  assert label in str(err.value) and "--rgb_labels=first_channel" in str(err.value)
+  assert not os.path.exists(builders.dataset_path("gta5", data))
+  # ...unless the flag says the class id is the R channel.
+  builders.prepare("gta5", root, data, rgb_labels="first_channel")
+  _check("gta5", "train", data, raw, labels.CITYSCAPES_ID_TO_TRAIN_ID)
+  # A grey image stored as RGB is not ambiguous: accepted without the flag.
+  _save(label, np.repeat(ids[..., None], 3, -1))
+  builders.prepare("gta5", root, str(tmp_path / "tfds2"))
+  _check("gta5", "train", str(tmp_path / "tfds2"), raw, labels.CITYSCAPES_ID_TO_TRAIN_ID)
+  with pytest.raises(builders.PrepareError, match="rgb_labels='second'"):
+    builders.prepare("gta5", root, data, rgb_labels="second")
+
+
+def test_stale_incomplete_folders_are_removed(tmp_path):
+  root, data = str(tmp_path / "gta"), str(tmp_path / "tfds")
+  make_gta(root, n=2)
+  stale = os.path.join(data, "mfm_gta5", "full", "incomplete.AB12CD_1.0.0")
+  os.makedirs(os.path.join(stale, "x"))
+  builders.prepare("gta5", root, data)
+  assert not os.path.exists(stale)
+  assert len(builders.open_split("gta5", "train", data)) == 2

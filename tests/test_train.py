@@ -44,13 +44,29 @@ def _params(workdir, step):
   return checkpoint.load_params(path, subtree=("params",))
 
 
-def test_train_resume_equals_uninterrupted(tmp_path, data_dir):
+def _strict_json(text):
+  def refuse(token):
+    raise ValueError(f"non-standard JSON token {token}")
+  return json.loads(text, parse_constant=refuse)
+
+
+def test_train_resume_equals_uninterrupted(tmp_path, data_dir, capsys, caplog):
   full = str(tmp_path / "full")
-  report = train.train_and_evaluate(small_config(**{"data.data_dir": data_dir}), full)
+  with caplog.at_level("INFO"):
+    report = train.train_and_evaluate(small_config(**{"data.data_dir": data_dir}), full)
   assert 0.0 <= report["mIoU"] <= 100.0
+  # The IoU table is printed once (stdout), not also logged.
+  assert capsys.readouterr().out.count("mIoU19") == 1
+  assert "IoU    Acc" not in caplog.text
+  # Strict JSON: classes absent from the split are null, never a bare NaN.
   with open(os.path.join(full, "eval_results.json")) as f:
-    assert json.load(f)["mIoU"] == pytest.approx(report["mIoU"])
-  lines = [json.loads(l) for l in open(os.path.join(full, "metrics.jsonl"))]
+    results = _strict_json(f.read())
+  assert results["mIoU"] == pytest.approx(report["mIoU"])
+  assert None in results["per_class"].values()
+  assert [n for n, v in results["per_class"].items() if v is None] == [
+      n for n, v in report["per_class"].items() if np.isnan(v)]
+  assert not os.path.exists(os.path.join(full, "run.lock"))  # released
+  lines = [_strict_json(l) for l in open(os.path.join(full, "metrics.jsonl"))]
   keys = set().union(*lines)
   for k in ("loss/src_ce", "loss/fd", "loss/mix_ce", "loss/mic_ce", "loss/mfm_target",
             "loss/total", "pseudo_weight", "lr"):
@@ -64,6 +80,19 @@ def test_train_resume_equals_uninterrupted(tmp_path, data_dir):
   train.train_and_evaluate(small_config(**{"data.data_dir": data_dir}), part)
   a, b = _params(full, 4), _params(part, 4)
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+  # A damaged newest checkpoint: moved aside with a warning, the run resumes from step 2 and
+  # ends identical again.
+  from test_checkpoint import _damage  # pylint: disable=g-import-not-at-top
+  _damage(tmp_path / "part" / "checkpoints" / "4")
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(small_config(**{"data.data_dir": data_dir}), part)
+  assert "Checkpoint step 4" in caplog.text and "damaged" in caplog.text
+  names = os.listdir(os.path.join(part, "checkpoints"))
+  assert sorted(n for n in names if "damaged" not in n) == ["2", "4"]
+  assert any(n.startswith("4.damaged-") for n in names)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, _params(part, 4))
 
   # Checkpoint evaluation: the trained Orbax checkpoint reproduces the run's own final report;
   # exported to a reference-named .pth and read back, it gives the same numbers again.
@@ -107,31 +136,101 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, data_dir, monkeypa
 
   monkeypatch.setattr(pipeline, "make_train_iterator", lambda *a, **k: Poisoned(make(*a, **k)))
   work = str(tmp_path / "nan")
-  with pytest.raises(train.NonFiniteLossError, match="last good checkpoint"):
-    train.train_and_evaluate(small_config(**{"data.data_dir": data_dir}), work)
+  # log_every=100: no metric is read at step 3 or 4; the flag carried in the state is read
+  # before the save at step 4, which is refused.
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r"between steps 3 and 4.*last good checkpoint \(step 2\) is kept"
+                     ) as err:
+    train.train_and_evaluate(small_config(**{"data.data_dir": data_dir, "log_every": 100}),
+                             work)
+  assert err.value.exit_code == 3
   ckpt = checkpoint.Checkpointer(os.path.join(work, "checkpoints"))
   assert ckpt.latest_step() == 2
   params = _params(work, 2)
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir, monkeypatch):
+class _SignalAt:
+  """Wraps the train iterator: sends ``sig`` to this process when batch ``n`` is fetched."""
+
+  def __init__(self, it, n, sig):
+    self.it, self.n, self.sig, self.count = it, n, sig, 0
+
+  def __next__(self):
+    self.count += 1
+    if self.count == self.n:
+      os.kill(os.getpid(), self.sig)
+    return next(self.it)
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, s):
+    self.it.set_state(s)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_stops_within_one_step_with_a_checkpoint(tmp_path, data_dir, monkeypatch, sig):
   import signal  # pylint: disable=g-import-not-at-top
-  from mfm_jax import metric_writers  # pylint: disable=g-import-not-at-top
-  original = metric_writers.MetricWriter.write_scalars
-  sent = []
-
-  def write_and_kill(self, step, scalars):
-    original(self, step, scalars)
-    if not sent:  # after the first logged step, while the loop's handler is installed
-      sent.append(step)
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  monkeypatch.setattr(metric_writers.MetricWriter, "write_scalars", write_and_kill)
+  from mfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  make = pipeline.make_train_iterator
+  monkeypatch.setattr(pipeline, "make_train_iterator",
+                      lambda *a, **k: _SignalAt(make(*a, **k), 3, getattr(signal, sig)))
   work = str(tmp_path / "term")
+  # Neither a log step nor a checkpoint step comes near: the stop must not wait for one.
+  cfg = small_config(**{"data.data_dir": data_dir, "log_every": 50, "checkpoint_every": 100})
+  out = train.train_and_evaluate(cfg, work)
+  assert out == {"stopped_at": 3, "preempted": sig, "saved": True}
+  assert checkpoint.Checkpointer(os.path.join(work, "checkpoints")).all_steps() == [3]
+  assert not os.path.exists(os.path.join(work, "run.lock"))
+
+
+def test_signal_during_compilation_exits_without_saving(tmp_path, data_dir, monkeypatch):
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
+  def make_signalling(*args, **kwargs):
+    del args, kwargs
+
+    def traced(state, batch):  # runs while the step is being traced/compiled
+      del state, batch
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(2)  # the main thread acts on the flag meanwhile
+      raise RuntimeError("test: compilation abandoned")
+    return traced
+
+  monkeypatch.setattr(train, "make_update_fn", make_signalling)
+  work = str(tmp_path / "compile")
+  t0 = time.time()
   out = train.train_and_evaluate(small_config(**{"data.data_dir": data_dir}), work)
-  assert out == {"stopped_at": 1}
-  assert checkpoint.Checkpointer(os.path.join(work, "checkpoints")).latest_step() == 1
+  assert out == {"stopped_at": 0, "preempted": "SIGTERM", "saved": False}
+  assert time.time() - t0 < 120
+  assert checkpoint.Checkpointer(os.path.join(work, "checkpoints")).all_steps() == []
+
+
+def test_failed_save_stops_the_run_at_once(tmp_path, data_dir, monkeypatch):
+  """A forced-failure checkpointer (full disk at step 4): the run stops with the path and the
+  cause, the step-2 checkpoint stays restorable."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  original = ocp.CheckpointManager.save
+
+  def full_disk(self, step, *args, **kwargs):
+    if step == 4:
+      raise OSError(errno.ENOSPC, "No space left on device", str(self.directory / "4"))
+    return original(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+  work = str(tmp_path / "full_disk")
+  with pytest.raises(checkpoint.CheckpointSaveError,
+                     match=r"checkpoints/4 failed: OSError: .*No space left on device.*"
+                           r"last good checkpoint \(step 2\) is kept") as err:
+    train.train_and_evaluate(small_config(**{"data.data_dir": data_dir}), work)
+  assert err.value.exit_code == 4
+  assert not os.path.exists(os.path.join(work, "eval_results.json"))
+  params = _params(work, 2)
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
+  assert not os.path.exists(os.path.join(work, "run.lock"))
 
 
 def test_hrda_mic_mfm_synthetic_trains(tmp_path, data_dir):

@@ -7,11 +7,14 @@ r"""``python -m mfm_jax.convert``: PyTorch ``.pth`` ⇄ Orbax checkpoint.
 
 ``--arch`` is 'auto' (detected from key names) or one of ``mapping.ARCHS``. Checksums printed by
 both directions are over the same Flax variables, so a round trip can be compared by eye.
+Unreadable, unsafe (pickled code) or mismatching files print one line and exit 1
+(``--verbose`` adds the traceback).
 """
 
 from absl import app
 from absl import flags
 
+from mfm_jax import errors
 from mfm_jax.convert import cli
 from mfm_jax.convert import mapping
 from mfm_jax.convert import rebuilder_mapping
@@ -44,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mfm_jax import errors
 from mfm_jax.models import daformer_head
 from mfm_jax.models import mit
 
@@ -38,7 +39,7 @@ _BN_BUFFERS = {"running_mean": "mean", "running_var": "var"}
 _IMAGE = (1, 64, 64, 3)  # any size with 4 MiT stages ≥ 1 token; parameter shapes don't depend on it
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.UserError, ValueError):
   """Names or shapes of a state_dict do not match the requested architecture."""
 
 

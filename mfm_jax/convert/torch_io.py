@@ -27,12 +27,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mfm_jax import errors
+
 # UDA wrapper prefixes (uda_reference.md §1.5): DACS holds the student, the EMA teacher and the
 # frozen ImageNet model (feature distance) side by side.
 WHICH_PREFIX = {"student": "model.", "teacher": "ema_model.", "imnet": "imnet_model."}
 
 
-class TorchCheckpointError(ValueError):
+class TorchCheckpointError(errors.UserError, ValueError):
   """A ``.pth`` file is missing, unreadable, corrupt or does not hold a usable state_dict."""
 
 
@@ -64,15 +66,22 @@ def read_pth(path: str) -> Any:
     with torch.serialization.safe_globals(_safe_numpy_globals()):
       return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
-    reason = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), "")
-    if reason:
-      reason = reason.split(" was not an allowed")[0].replace("WeightsUnpickler error: ", "")
+    # torch's restricted unpickler says "Weights only load failed" and names the refused
+    # global ("Unsupported global: GLOBAL x.y", or "unsupported GLOBAL posix.system whose
+    # module posix is blocked" in zip-format files); surface that reason.
+    lines = [line.strip() for line in str(e).splitlines()]
+    reason = next((line for line in lines if "nsupported global" in line.lower()
+                   or "is blocked" in line), "")
+    if reason or "Weights only load failed" in str(e):
+      reason = (reason.split(" was not an allowed")[0].replace("WeightsUnpickler error: ", "")
+                .replace("Trying to load ", "").rstrip("."))
       raise UnsafeCheckpointError(
           f"Refusing to load {path}: it pickles something other than tensors and plain "
-          f"containers ({reason}), and unpickling it could execute code; nothing was executed. "
-          "If the file comes from a trusted source, re-save only the weights "
-          "(torch.save(model.state_dict(), ...)); a truncated legacy-format file can also "
-          "cause this.") from None
+          f"containers ({reason or 'torch: Weights only load failed'}), and unpickling it "
+          "could execute code; nothing was executed. If the file comes from a trusted source, "
+          "re-save only the weights (torch.save(model.state_dict(), ...))"
+          + ("" if reason else "; a truncated legacy-format file can also cause this")
+          + ".") from None
     raise TorchCheckpointError(f"Cannot read PyTorch checkpoint {path} (truncated or corrupt "
                                f"file?): {str(e).strip().splitlines()[-1]}") from None
   except Exception as e:  # torch raises RuntimeError/EOFError/KeyError/... for damaged files.

@@ -12,7 +12,12 @@ Records are written in sorted file order (shuffling disabled) and the per-image 
 matrix is also stored in the dataset's ``metadata.json``, so ``load_class_stats`` reads it
 without decoding images. TFDS writes into ``incomplete.*`` and renames on success, so a failed
 or killed prepare never leaves a directory that ``open_split`` accepts (it requires
-``dataset_info.json`` in the final version folder).
+``dataset_info.json`` in the final version folder); the next ``prepare`` of that dataset deletes
+such leftovers.
+
+Labels must be lossless and unambiguous: JPEG data in a label file and colour (RGB/RGBA)
+labels are rejected naming the file, unless ``rgb_labels='first_channel'`` says the class id is
+the first channel (SYNTHIA's layout, always read that way).
 
 Raw layouts (``raw_dir`` is the folder that holds the named sub-folders):
 
@@ -36,6 +41,7 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 import tempfile
 from typing import Any, Mapping
 
@@ -44,6 +50,7 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
+from mfm_jax import errors
 from mfm_jax.data import labels
 
 DATASETS = ("gta5", "synthia", "cityscapes", "folder")
@@ -52,11 +59,11 @@ VERSION = "1.0.0"
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 
-class PrepareError(ValueError):
+class PrepareError(errors.UserError, ValueError):
   """Raw data that cannot be prepared; the message names the file or folder."""
 
 
-class DatasetNotPreparedError(FileNotFoundError):
+class DatasetNotPreparedError(errors.UserError, FileNotFoundError):
   """``open_split``/``load_class_stats`` on a dataset that was not (completely) prepared."""
 
 
@@ -178,7 +185,8 @@ def _resize_pair(image: np.ndarray, label: np.ndarray, size_wh: tuple[int, int])
 
 def load_example(raw_dir: str, image_rel: str, label_rel: str, dataset: str,
                  id_map: Mapping[int, int], known: frozenset[int],
-                 scale: tuple[int, int] | None) -> tuple[bytes, bytes, np.ndarray]:
+                 scale: tuple[int, int] | None,
+                 rgb_labels: str = "reject") -> tuple[bytes, bytes, np.ndarray]:
   """Returns ``(image_png, label_png, class_pixels)`` for one raw pair (module-level: picklable)."""
   image_path, label_path = os.path.join(raw_dir, image_rel), os.path.join(raw_dir, label_rel)
   try:
@@ -191,7 +199,10 @@ def load_example(raw_dir: str, image_rel: str, label_rel: str, dataset: str,
   except (OSError, ValueError, SyntaxError) as e:
     raise PrepareError(f"{image_path}: unreadable or corrupt image ({e}).") from e
   try:
-    ids = labels.read_label_ids(label_path)
+    ids = labels.read_label_ids(label_path,
+                                "first_channel" if dataset == "synthia" else rgb_labels)
+  except labels.LabelError as e:
+    raise PrepareError(str(e)) from e
   except (OSError, ValueError, SyntaxError) as e:
     raise PrepareError(f"{label_path}: unreadable or corrupt label image ({e}).") from e
   if ids.shape != image.shape[:2]:
@@ -240,8 +251,9 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   DATASET = ""
 
   def __init__(self, *, raw_dir: str | None = None, label_map: str | None = None,
-               num_workers: int = 0, **kwargs):
+               num_workers: int = 0, rgb_labels: str = "reject", **kwargs):
     self._raw_dir, self._label_map, self._num_workers = raw_dir, label_map, num_workers
+    self._rgb_labels = rgb_labels
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -270,15 +282,16 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     del dl_manager
     pairs = list_pairs(self.DATASET, self._raw_dir)
     id_map, known = self._id_map()
-    self.info.metadata.update(source=_source_key(self._raw_dir, self._label_map),
+    self.info.metadata.update(source=_source_key(self._raw_dir, self._label_map,
+                                                 self._rgb_labels),
                               scale=list(self.builder_config.scale or ()))
     return {split: self._generate_examples(split, items, id_map, known)
             for split, items in pairs.items()}
 
   def _generate_examples(self, split, items, id_map, known):
     stats = self.info.metadata.setdefault(f"class_pixels/{split}", [])
-    jobs = [(self._raw_dir, img, lab, self.DATASET, id_map, known, self.builder_config.scale)
-            for img, lab in items]
+    jobs = [(self._raw_dir, img, lab, self.DATASET, id_map, known, self.builder_config.scale,
+             self._rgb_labels) for img, lab in items]
     with contextlib.ExitStack() as stack:
       if self._num_workers > 1:
         pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
@@ -310,13 +323,27 @@ class Folder(_Builder, skip_registration=True):
 _BUILDERS = {"gta5": Gta5, "synthia": Synthia, "cityscapes": Cityscapes, "folder": Folder}
 
 
-def _source_key(raw_dir: str, label_map: str | None) -> str:
-  """Identifies what a dataset was prepared from (raw folder + label-map content)."""
+def _source_key(raw_dir: str, label_map: str | None, rgb_labels: str = "reject") -> str:
+  """Identifies what a dataset was prepared from (raw folder, label-map content, RGB mode)."""
   h = hashlib.sha1(os.path.abspath(raw_dir).encode())
   if label_map:
     with open(label_map, "rb") as f:
       h.update(f.read())
+  if rgb_labels != "reject":
+    h.update(f"rgb_labels={rgb_labels}".encode())
   return h.hexdigest()[:12]
+
+
+def _remove_incomplete(path: str) -> None:
+  """Deletes TFDS ``incomplete.*`` folders a killed prepare left next to ``path`` (call with the
+  dataset's lock held, so no running prepare owns them)."""
+  parent = os.path.dirname(path)
+  if not os.path.isdir(parent):
+    return
+  for name in sorted(os.listdir(parent)):
+    if name.startswith("incomplete."):
+      logging.warning("Removing %s, left by an interrupted prepare.", os.path.join(parent, name))
+      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def _make_builder(dataset, data_dir, scale, **kwargs) -> _Builder:
@@ -347,7 +374,7 @@ def file_lock(path: str):
 
 def prepare(dataset: str, raw_dir: str, data_dir: str, *,
             scale: tuple[int, int] | None = None, label_map: str | None = None,
-            num_workers: int = 0) -> str:
+            num_workers: int = 0, rgb_labels: str = "reject") -> str:
   """Prepares ``dataset`` from ``raw_dir`` into ``data_dir``; returns the dataset folder.
 
   Args:
@@ -361,21 +388,26 @@ def prepare(dataset: str, raw_dir: str, data_dir: str, *,
       still counted at the original resolution.
     label_map: folder only: JSON ``{"label id": train id}`` (default: Cityscapes label ids).
     num_workers: decode/validate in this many spawned processes (0/1 = in-process).
+    rgb_labels: 'reject' (colour labels are an error) or 'first_channel' (the class id is the
+      R channel); see ``labels.RGB_LABEL_MODES``.
 
   An existing complete dataset is reused (a folder dataset only if prepared from the same
   raw folder and label map). Bad input raises ``PrepareError`` naming the file and leaves no
   dataset behind.
   """
   if label_map and dataset != "folder":
-    raise ValueError(f"label_map is only used by the 'folder' dataset, not {dataset!r}.")
+    raise PrepareError(f"label_map is only used by the 'folder' dataset, not {dataset!r}.")
+  if rgb_labels not in labels.RGB_LABEL_MODES:
+    raise PrepareError(f"rgb_labels={rgb_labels!r}; choose one of {labels.RGB_LABEL_MODES}.")
   builder = _make_builder(dataset, data_dir, scale, raw_dir=raw_dir, label_map=label_map,
-                          num_workers=num_workers)
+                          num_workers=num_workers, rgb_labels=rgb_labels)
   path = os.fspath(builder.data_path)
   with file_lock(os.path.join(data_dir, f".{BUILDER_NAMES[dataset]}.lock")):
+    _remove_incomplete(path)
     if os.path.isfile(os.path.join(path, "dataset_info.json")):
       if dataset == "folder":
         prepared = _read_metadata(path).get("source")
-        if prepared != _source_key(raw_dir, label_map):
+        if prepared != _source_key(raw_dir, label_map, rgb_labels):
           raise PrepareError(f"{path} already holds a folder dataset prepared from other raw "
                              "data or another label map; use a different data_dir.")
       logging.info("%s is already prepared at %s.", dataset, path)
@@ -526,12 +558,13 @@ def resolve(name: str, data_cfg, *, prepare_missing: bool = True,
       raise ValueError(f"config.data.folder.{key} is empty but config uses {name!r}.")
     raw = os.path.abspath(os.path.expanduser(raw))
     label_map = data_cfg.folder.label_map or None
+    rgb = data_cfg.folder.get("rgb_labels", "reject")
     data_dir = os.path.join(data_root(data_cfg), "folder",
-                            f"{os.path.basename(raw)}-{_source_key(raw, label_map)}")
+                            f"{os.path.basename(raw)}-{_source_key(raw, label_map, rgb)}")
     if prepare_missing:
-      prepare("folder", raw, data_dir, label_map=label_map)
+      prepare("folder", raw, data_dir, label_map=label_map, rgb_labels=rgb)
       if scale is not None:
-        prepare("folder", raw, data_dir, label_map=label_map, scale=scale)
+        prepare("folder", raw, data_dir, label_map=label_map, scale=scale, rgb_labels=rgb)
     splits = {"train": "train"}
     path = dataset_path("folder", data_dir)
     if os.path.isfile(os.path.join(path, "metadata.json")):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mfm_jax import errors
+
 IGNORE_LABEL = 255
 NUM_CLASSES = 19
 
@@ -63,35 +65,61 @@ CITYSCAPES_KNOWN_IDS = frozenset(range(34)) | {IGNORE_LABEL}
 SYNTHIA_KNOWN_IDS = frozenset(range(23))
 
 
-class LabelError(ValueError):
+class LabelError(errors.UserError, ValueError):
   """A raw label file that cannot be converted to train ids (message names the file)."""
 
 
-def read_label_ids(path: str) -> np.ndarray:
+# How multi-channel label files are read (`prepare --rgb_labels`): 'reject' accepts only
+# grey images stored as RGB(A) (all colour channels equal); 'first_channel' takes the class id
+# from the first (R) channel, as SYNTHIA's layout defines (its converter reads the last cv2 BGR
+# channel).
+RGB_LABEL_MODES = ("reject", "first_channel")
+
+
+def read_label_ids(path: str, rgb_labels: str = "reject") -> np.ndarray:
   """Reads a raw label PNG as an int32 ``[H, W]`` array of label ids.
 
-  Single-channel files ('L', 'P' palette indices, 'I;16') are returned as they are. For
-  multi-channel files the class id is the first (R) channel, as SYNTHIA's converter reads the
-  last cv2 (BGR) channel. SYNTHIA labels are 16-bit RGB(A) PNGs, which Pillow would truncate to
-  their high byte, so both bytes are decoded (Pillow's own PNG decoder, once per byte order).
+  Single-channel files ('L', 'P' palette indices, 'I;16') are returned as they are.
+  Multi-channel files follow ``rgb_labels`` (see ``RGB_LABEL_MODES``). Raises ``LabelError``
+  for lossy or ambiguous files: JPEG (or any non-PNG) data, whatever the file name (a JPEG
+  label renamed .png has its class ids smeared at every edge), and colour labels under
+  'reject'. 16-bit RGB(A) PNGs (SYNTHIA), which Pillow would truncate to their high byte, are
+  decoded from both bytes (Pillow's own PNG decoder, once per byte order).
   """
   import PIL.Image  # pylint: disable=g-import-not-at-top
 
+  if rgb_labels not in RGB_LABEL_MODES:
+    raise ValueError(f"rgb_labels={rgb_labels!r}; choose one of {RGB_LABEL_MODES}.")
   with PIL.Image.open(path) as im:
-    mode, tiles = im.mode, list(im.tile)
+    fmt, mode, tiles = im.format, im.mode, list(im.tile)
+    if fmt != "PNG":
+      why = " (JPEG compression changes class ids along every edge)" if fmt == "JPEG" else ""
+      raise LabelError(f"{path}: holds {fmt} image data, not PNG; labels must be stored "
+                       f"losslessly{why}. Export the label again as PNG from its source.")
     if mode in ("RGB", "RGBA") and tiles and str(tiles[0].args).endswith(";16B"):
       planes = []
       for order in ("16B", "16L"):  # high byte, then low byte of each big-endian sample
         with PIL.Image.open(path) as im16:
           im16.tile = [t._replace(args=f"{mode};{order}") for t in im16.tile]
           im16.load()
-          planes.append(np.asarray(im16)[..., 0].astype(np.int32))
-      return planes[0] * 256 + planes[1]
-    im.load()
-    arr = np.asarray(im)
+          planes.append(np.asarray(im16).astype(np.int32))
+      arr = planes[0] * 256 + planes[1]
+    else:
+      im.load()
+      arr = np.asarray(im).astype(np.int32)
   if arr.ndim == 3:
+    colour = arr[..., :3] if mode in ("RGB", "RGBA") else arr[..., :1]
+    if (rgb_labels == "reject" and colour.shape[-1] == 3
+        and not (np.array_equal(colour[..., 0], colour[..., 1])
+                 and np.array_equal(colour[..., 0], colour[..., 2]))):
+      raise LabelError(
+          f"{path}: a colour ({mode}) label; label ids must be one channel ('L', 'P' or 16-bit "
+          "grey PNG). If the class id is stored in the first (R) channel, prepare with "
+          "--rgb_labels=first_channel (config.data.folder.rgb_labels='first_channel' for "
+          "folder datasets prepared by training); colour-coded labels (e.g. Cityscapes "
+          "*_color.png) must first be converted to label ids.")
     arr = arr[..., 0]
-  return arr.astype(np.int32)
+  return arr
 
 
 def check_known_ids(ids: np.ndarray, known: frozenset[int], path: str, dataset: str) -> None:

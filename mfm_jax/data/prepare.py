@@ -12,6 +12,12 @@ pre-resized copy next to the full-resolution one (smaller, faster to load, fixed
 ``synthetic`` generates the procedural benchmark (``--synthetic_*`` flags) and prepares its
 gta5 and cityscapes datasets under ``<data_dir>/synthetic/<key>``, exactly as training's
 ``data.source=synthetic_source`` does.
+
+Rejected, naming the file (exit 1, one line; ``--verbose`` adds the traceback): missing
+folders, empty splits, images without labels, corrupt files, labels of the wrong size or with
+unknown ids, JPEG data in a label file (lossy: class ids change along edges) and colour labels
+(``--rgb_labels=first_channel`` reads the class id from the R channel instead). TFDS
+``incomplete.*`` folders left by a killed prepare are deleted by the next one.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import time
 from absl import app
 from absl import flags
 
+from mfm_jax import errors
+
 _DATASET = flags.DEFINE_enum("dataset", None,
                              ["gta5", "synthia", "cityscapes", "folder", "synthetic"],
                              "Raw dataset layout to prepare.")
@@ -30,6 +38,10 @@ _RAW_DIR = flags.DEFINE_string("raw_dir", "", "Folder holding the raw layout (fo
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir to write to.")
 _SCALE = flags.DEFINE_string("scale", "", "Optional WxH keep-ratio pre-resize, e.g. 1280x720.")
 _LABEL_MAP = flags.DEFINE_string("label_map", "", "folder only: JSON {label id: train id}.")
+_RGB_LABELS = flags.DEFINE_enum(
+    "rgb_labels", "reject", ["reject", "first_channel"],
+    "Colour (RGB/RGBA) label files: 'reject' them (default; grey images stored as RGB pass) or "
+    "read the class id from the 'first_channel' (R). SYNTHIA labels are always read from R.")
 _WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
                                 "Processes decoding and validating raw files.")
 _SYN_SEED = flags.DEFINE_integer("synthetic_seed", 0, "synthetic: seed.")
@@ -46,9 +58,9 @@ def parse_scale(text: str) -> tuple[int, int] | None:
   try:
     w, h = (int(v) for v in text.lower().split("x"))
   except ValueError as e:
-    raise ValueError(f"--scale must look like 1280x720, got {text!r}.") from e
+    raise app.UsageError(f"--scale must look like 1280x720, got {text!r}.") from e
   if w <= 0 or h <= 0:
-    raise ValueError(f"--scale must be positive, got {text!r}.")
+    raise app.UsageError(f"--scale must be positive, got {text!r}.")
   return w, h
 
 
@@ -84,7 +96,7 @@ def main(argv):
       raise app.UsageError(f"--raw_dir is required for --dataset={_DATASET.value}.")
     path = builders.prepare(_DATASET.value, os.path.expanduser(_RAW_DIR.value), data_dir,
                             scale=parse_scale(_SCALE.value), label_map=_LABEL_MAP.value or None,
-                            num_workers=_WORKERS.value)
+                            num_workers=_WORKERS.value, rgb_labels=_RGB_LABELS.value)
     lines = [_summary(_DATASET.value, path)]
   for line in lines:
     print(line)
@@ -93,4 +105,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["dataset", "data_dir"])
-  app.run(main)
+  errors.run(main)

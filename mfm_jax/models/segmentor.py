@@ -87,6 +87,12 @@ def feature_channels(model_cfg: Any) -> tuple[int, ...]:
   return _RESNET_CHANNELS
 
 
+def output_stride(backbone: str) -> int:
+  """Stride of the encoder's last level: 8 for the dilated ResNet-V1c, else 32 (MiT, ResNet)."""
+  _check_choice("backbone", backbone, BACKBONES)
+  return 8 if _RESNETS.get(backbone, (0, False, False))[2] else 32
+
+
 def _depthwise_impl(model_cfg: Any) -> str:
   """'auto' → 'shift' on CPU, where XLA's grouped depthwise conv is 9-28x slower (measured,
   README), else 'xla' (the reference's grouped-conv formulation; measure with
