@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import time
 from typing import Any
@@ -20,6 +21,8 @@ import numpy as np
 from absl import logging
 
 from mfm_jax import checkpoint, config_lib, inference, metric_writers, parallel, state as state_lib
+from mfm_jax import progress as progress_lib
+from mfm_jax import visualize
 from mfm_jax.data import pipeline
 from mfm_jax.evaluation import format_report, report_scalars
 from mfm_jax.train_step import make_update_fn
@@ -87,6 +90,39 @@ def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None) 
                              f"{kept}. Lower config.optim.lr or check the data.")
 
 
+def _images_per_step(config: ml_collections.ConfigDict) -> int:
+  """Images one step reads: the global source batch, plus the target batch when it is used."""
+  uses_target = bool(config.uda.enabled) or bool(config.mfm.enabled)
+  return int(config.data.batch_size) * (2 if uses_target else 1)
+
+
+def _memory_figures() -> dict[str, float]:
+  """Device memory (allocator in use / peak, GPU and TPU only) and the host's peak RSS, GiB."""
+  out = {}
+  try:
+    stats = jax.local_devices()[0].memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except  (backends without allocator statistics)
+    stats = {}
+  for key, name in (("bytes_in_use", "device_mem_gib"), ("peak_bytes_in_use",
+                                                         "device_peak_mem_gib")):
+    if key in stats:
+      out[f"perf/{name}"] = stats[key] / 2**30
+  # ru_maxrss is in KiB on Linux.
+  out["perf/host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  return out
+
+
+class _SampleKeeper:
+  """``inference.evaluate`` hook keeping the first ``n`` (image, prediction, label) triples."""
+
+  def __init__(self, n: int):
+    self.n, self.samples = n, []
+
+  def __call__(self, batch: dict[str, Any], pred: np.ndarray) -> None:
+    for i in range(min(self.n - len(self.samples), pred.shape[0])):
+      self.samples.append((np.asarray(batch["image"][i]), pred[i], np.asarray(batch["label"][i])))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_at: int | None = None) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` and returns the final evaluation report.
@@ -141,13 +177,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                        state_lib.deployed_params(state, config.eval.which))
     batches = pipeline.make_eval_dataset(config.data, process_index=jax.process_index(),
                                          process_count=jax.process_count())
-    report = inference.evaluate(config, host, variables, batches, predict_fn)
+    keeper = _SampleKeeper(config.eval.num_logged_images if is_main else 0)
+    report = inference.evaluate(config, host, variables, batches, predict_fn, on_batch=keeper)
     writer.write_scalars(step, report_scalars(report))
+    writer.write_texts(step, {"eval/iou_table": visualize.iou_markdown(report)})
+    # image | prediction | ground truth, Cityscapes colours.
+    writer.write_images(step, {f"eval/sample_{i}": visualize.validation_panel(*sample)
+                               for i, sample in enumerate(keeper.samples)})
     logging.info("Evaluation at step %d (%.1fs):\n%s", step, time.time() - t0,
                  format_report(report))
     return report
 
-  progress = metric_writers.Progress(config.num_steps, start)
+  progress = None
+  images_per_step = _images_per_step(config)
   report = None
   t_compile = time.time()
   with _SigtermFlag() as sigterm, _FinishSavesOnError(ckpt):
@@ -158,7 +200,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if step == start:
         jax.block_until_ready(metrics)
         logging.info("First step (compile + run) took %.1fs.", time.time() - t_compile)
-        progress = metric_writers.Progress(config.num_steps, done)  # rate without compilation
+        # Started after the first step, so that compilation is not in the rate.
+        progress = progress_lib.Progress(config.num_steps, desc="train", start=done,
+                                         every=config.log_every, log=logging.info)
+        last_log = (time.time(), done)
       log_now = done % config.log_every == 0 or done == config.num_steps or step == start
       save_now = (done % config.checkpoint_every == 0 or done == config.num_steps
                   or sigterm.raised or done == stop_at)
@@ -167,9 +212,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         _check_finite(done, host_metrics, last_saved)
         if log_now:
           host_metrics["lr"] = float(schedule(step))
+          now = time.time()
+          if done > last_log[1]:
+            steps_per_s = (done - last_log[1]) / max(now - last_log[0], 1e-9)
+            host_metrics["perf/steps_per_s"] = steps_per_s
+            host_metrics["perf/images_per_s"] = steps_per_s * images_per_step
+          last_log = (now, done)
+          host_metrics.update(_memory_figures())
           writer.write_scalars(done, host_metrics)
-          logging.info("%s | %s", progress.line(done), " ".join(
-              f"{k}={v:.4g}" for k, v in sorted(host_metrics.items())))
+          progress.update(done, force=True, **dict(sorted(host_metrics.items())))
+      if progress is not None and not log_now:
+        progress.update(done)  # a terminal's live line; nothing in logs
       if done % config.eval_every == 0 and done != config.num_steps:
         run_eval(done)
       if sigterm.raised and not save_now:  # the flag may have been raised during this step
@@ -184,6 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           raise NonFiniteLossError(
               f"Non-finite parameters after step {done}; training stopped and "
               f"{'the last good checkpoint (step %s) is kept' % last_saved}. {e}") from e
+      if (done == stop_at or sigterm.raised) and progress is not None:
+        progress.close()
       if done == stop_at and not sigterm.raised:
         ckpt.wait()
         writer.close()
@@ -194,6 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         logging.warning("Stopped by SIGTERM after step %d; checkpoint saved.", done)
         return {"stopped_at": done}
   ckpt.wait()
+  if progress is not None:
+    progress.close()
   report = run_eval(config.num_steps)
   if is_main:
     _write_json_atomic(os.path.join(workdir, "eval_results.json"), report)
