@@ -63,7 +63,7 @@ def evaluate(config: ml_collections.ConfigDict, host, variables: dict[str, Any],
 
   ``on_batch(batch, prediction)`` sees every batch with its host prediction (e.g. to keep a
   few for pictures). With ``show_progress`` (and a sized ``batches``) the images done, the rate
-  and the ETA are shown (a live line on a terminal, otherwise about every 10 %).
+  and the ETA are shown (a live line on a terminal, otherwise every 25 %).
   """
   predict_fn = predict_fn or make_predict_fn(config, host)
   conf = np.zeros((config.model.num_classes,) * 2, np.int64)
@@ -72,7 +72,7 @@ def evaluate(config: ml_collections.ConfigDict, host, variables: dict[str, Any],
   progress = None
   if show_progress and total and jax.process_index() == 0:
     progress = progress_lib.Progress(total, desc="eval", unit="img",
-                                     every=max(total // 10, 1), log=logging.info)
+                                     every=max(total // 4, 1), log=logging.info)
   for batch in batches:
     label = np.asarray(batch["label"])
     pred = np.asarray(predict_fn(variables, jnp.asarray(batch["image"]),

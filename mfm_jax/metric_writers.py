@@ -67,8 +67,9 @@ class MetricWriter:
     # separate evaluation) apart.
     self._tb = SummaryWriter(self.logdir, flush_secs=30,
                              filename_suffix=f".{os.getpid()}.{next(_WRITER_IDS)}")
-    file_writer = self._tb._get_file_writer()  # pylint: disable=protected-access
-    self.events_path = file_writer.event_writer._ev_writer._file_name  # pylint: disable=protected-access
+    # pylint: disable=protected-access
+    self.events_path = self._tb._get_file_writer().event_writer._ev_writer._file_name
+    # pylint: enable=protected-access
 
   def _check_open(self) -> None:
     if self._jsonl is None:

@@ -84,8 +84,10 @@ def plot_runs(workdirs: Sequence[str], output_path: str,
   if not keys:
     raise ValueError(f"--workdir: no mIoU or loss metrics in {', '.join(workdirs)}.")
   try:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-    from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    # pylint: enable=g-import-not-at-top
   except ImportError:
     raise ImportError("mfm_jax.plot needs matplotlib: pip install -e \".[plot]\"") from None
 

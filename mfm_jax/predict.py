@@ -76,7 +76,7 @@ def _inside(path: str, folder: str | None) -> bool:
 
 
 def _stems(files: list[str], root: str) -> list[Item]:
-  """Output stems mirroring ``files`` under ``root``; ``a.jpg`` + ``a.png`` → ``a_jpg``, ``a_png``."""
+  """Output stems mirroring ``files`` under ``root``; twins a.jpg, a.png → a_jpg, a_png."""
   rel = [os.path.relpath(f, root) for f in files]
   counts = collections.Counter(os.path.splitext(r)[0] for r in rel)
   items = []
@@ -118,7 +118,7 @@ def find_inputs(spec: str, exclude: str | None = None) -> list[Item]:
 
 
 def read_image(path: str) -> np.ndarray:
-  """RGB uint8 ``[H, W, 3]`` of ``path`` (EXIF orientation applied); ``ValueError`` if unreadable."""
+  """RGB uint8 ``[H, W, 3]`` of ``path``, EXIF orientation applied; ValueError if unreadable."""
   import PIL.Image  # pylint: disable=g-import-not-at-top
   import PIL.ImageOps  # pylint: disable=g-import-not-at-top
   try:

@@ -8,6 +8,7 @@ never overwrites the last good checkpoint.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import resource
@@ -188,7 +189,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  format_report(report))
     return report
 
+  # Logged steps are synchronised (device_get), so their times give the rate and the ETA.
   progress = None
+  finished = collections.deque()
   images_per_step = _images_per_step(config)
   report = None
   t_compile = time.time()
@@ -221,8 +224,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           host_metrics.update(_memory_figures())
           writer.write_scalars(done, host_metrics)
           progress.update(done, force=True, **dict(sorted(host_metrics.items())))
-      if progress is not None and not log_now:
-        progress.update(done)  # a terminal's live line; nothing in logs
+          finished.clear()
+      if progress is not None and progress.tty and not log_now:
+        # Live line: steps are dispatched asynchronously, so a step counts when its metrics
+        # are ready (checked without blocking), not when the host queued it.
+        finished.append((done, jax.tree_util.tree_leaves(metrics)[0]))
+        while finished and finished[0][1].is_ready():
+          progress.update(finished.popleft()[0])
       if done % config.eval_every == 0 and done != config.num_steps:
         run_eval(done)
       if sigterm.raised and not save_now:  # the flag may have been raised during this step

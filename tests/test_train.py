@@ -58,7 +58,7 @@ def test_train_resume_equals_uninterrupted(tmp_path, data_dir):
     assert k in keys, k
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(full))
   # TensorBoard's own reader: scalars, the IoU table (text) and validation pictures.
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
   acc = event_accumulator.EventAccumulator(full, size_guidance={"images": 0, "tensors": 0})
   acc.Reload()
   assert [e.step for e in acc.Scalars("loss/total")] == [1, 2, 3, 4]
