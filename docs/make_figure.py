@@ -64,7 +64,8 @@ def make_figure(config, checkpoint: str, output: str, rows: int = 2, zoom: int =
     for j, tile in enumerate(row):
       canvas.paste(PIL.Image.fromarray(tile), (j * (w * zoom + gap),
                                                title_h + i * (h * zoom + gap)))
-  canvas = canvas.quantize(colors=256, method=PIL.Image.Quantize.MEDIANCUT)  # small PNG
+  canvas = canvas.quantize(colors=256, method=PIL.Image.Quantize.MEDIANCUT,
+                           dither=PIL.Image.Dither.NONE)  # a small PNG
   canvas.save(output, format="PNG", optimize=True)
   return output
 

@@ -185,8 +185,7 @@ def _prefetch(items: list[Item], scale, workers: int):
 
   with concurrent.futures.ThreadPoolExecutor(max(workers, 1)) as pool:
     pending = collections.deque()
-    it = iter(items)
-    for item in it:  # keep a bounded window of decodes in flight
+    for item in items:  # keep a bounded window of decodes in flight
       pending.append(pool.submit(load, item))
       if len(pending) > 2 * max(workers, 1) + 2:
         yield pending.popleft().result()
@@ -207,9 +206,9 @@ def load_model(config, checkpoint_path: str, which: str = "student", mode: str =
   if not os.path.exists(path):
     raise PredictError(f"--checkpoint={checkpoint_path}: {path} does not exist.")
   if os.path.isfile(path) and not path.lower().endswith(evaluate.WEIGHT_FILE_SUFFIXES):
-    raise PredictError(f"--checkpoint={checkpoint_path}: a file must be a PyTorch "
-                       f"{'/'.join(evaluate.WEIGHT_FILE_SUFFIXES)} or .safetensors file; an "
-                       "Orbax checkpoint is a directory.")
+    raise PredictError(f"--checkpoint={checkpoint_path}: a file must be PyTorch weights "
+                       f"({', '.join(evaluate.WEIGHT_FILE_SUFFIXES)}); an Orbax checkpoint is "
+                       "a directory.")
   host = state_lib.build_host(config)
   report = {}
   variables = evaluate.load_variables(config, host, path, which, report=report)
@@ -242,6 +241,7 @@ def predict(config, checkpoint_path: str, input_spec: str, output_dir: str, *,
   items = find_inputs(input_spec, exclude=output_dir)
   t0 = time.time()
   config, _, variables, predict_fn, load_report = load_model(config, checkpoint_path, which, mode)
+  load_seconds = time.time() - t0
   stream = stream or sys.stderr
   print(format_load_report(load_report), file=stream, flush=True)
   os.makedirs(output_dir, exist_ok=True)
@@ -251,9 +251,10 @@ def predict(config, checkpoint_path: str, input_spec: str, output_dir: str, *,
   buckets: dict[tuple[int, int], list] = collections.defaultdict(list)
   compiled_full: set[tuple[int, int]] = set()
   skipped, sizes, written = [], collections.Counter(), 0
+  first_batch = None  # (time, images written) after the first batch, i.e. its compilation
 
   def run(size, group):
-    nonlocal written
+    nonlocal written, first_batch
     x = np.stack([g[2] for g in group])
     if len(group) < batch_size and size in compiled_full:  # reuse the full batch's compilation
       x = np.concatenate([x, np.repeat(x[:1], batch_size - len(group), axis=0)])
@@ -265,6 +266,9 @@ def predict(config, checkpoint_path: str, input_spec: str, output_dir: str, *,
       written += 1
       sizes[f"{size[1]}x{size[0]}"] += 1
     progress.update(written + len(skipped), skipped=len(skipped))
+    if first_batch is None:
+      first_batch = (time.time(), written)
+      progress.restart_rate()  # the first batch's time is mostly compilation
 
   for item, rgb, x, error in _prefetch(items, scale, num_workers):
     if error is not None:
@@ -279,13 +283,19 @@ def predict(config, checkpoint_path: str, input_spec: str, output_dir: str, *,
   for size, group in list(buckets.items()):
     run(size, group)
   progress.close()
-  seconds = time.time() - t0
+  t_end = time.time()
+  seconds = t_end - t0
+  steady = None
+  if first_batch is not None and written > first_batch[1] and t_end > first_batch[0]:
+    steady = round((written - first_batch[1]) / (t_end - first_batch[0]), 3)
   summary = {
       "input": input_spec, "output": output_dir, "checkpoint": load_report["checkpoint"],
       "which": which, "mode": config.eval.mode, "test_scale": list(scale),
       "num_inputs": len(items), "num_written": written, "num_skipped": len(skipped),
       "skipped": skipped, "sizes": dict(sizes), "seconds": round(seconds, 3),
+      "load_seconds": round(load_seconds, 3),
       "images_per_s": round(written / seconds, 3) if seconds > 0 else None,
+      "images_per_s_after_first_batch": steady,
   }
   _write_json_atomic(os.path.join(output_dir, SUMMARY_FILE), summary)
   return summary
@@ -295,8 +305,12 @@ def format_summary(summary: dict[str, Any]) -> str:
   """The end-of-run summary: counts, time, rate, and every skipped file with its reason."""
   lines = [f"predict: {summary['num_written']} of {summary['num_inputs']} images segmented "
            f"→ {summary['output']} in {summary['seconds']:.1f} s "
-           f"({summary['images_per_s'] or 0:.2f} img/s incl. loading and compilation; "
-           f"sizes {summary['sizes']}); {summary['num_skipped']} skipped"]
+           f"({summary['images_per_s'] or 0:.2f} img/s overall, {summary['load_seconds']:.1f} s "
+           "of it loading the model"
+           + (f"; {summary['images_per_s_after_first_batch']:.2f} img/s after the first batch, "
+              "which compiles"
+              if summary["images_per_s_after_first_batch"] else "")
+           + f"; sizes {summary['sizes']}); {summary['num_skipped']} skipped"]
   lines += [f"  skipped {s['path']}: {s['error']}" for s in summary["skipped"]]
   return "\n".join(lines)
 
@@ -305,7 +319,10 @@ def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     sys.exit(f"predict: unexpected arguments {argv[1:]}")
+  from absl import logging  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
+  if not f["verbosity"].present:
+    logging.set_verbosity(logging.ERROR)  # keep Orbax's INFO/WARNING lines off the console
   try:
     summary = predict(f.config, f.checkpoint, f.input, f.output, mode=f.mode, which=f.which,
                       batch_size=f.batch_size, num_workers=f.num_workers, alpha=f.alpha)

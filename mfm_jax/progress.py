@@ -129,6 +129,12 @@ class Progress:
     elif self.tty and now - self._last_draw >= self._min_redraw:
       self._draw(self.line(**figures))
 
+  def restart_rate(self) -> None:
+    """Measures the rate from the latest update on (e.g. once compilation is behind)."""
+    last = self._marks[-1]
+    self._marks.clear()
+    self._marks.append(last)
+
   def message(self, text: str) -> None:
     """Prints ``text`` as a permanent line without breaking the live line."""
     self._emit(text)

@@ -83,3 +83,15 @@ def test_batches_cross_every_and_figures_are_kept():
     p.update(done, loss=done / 10) if done == 3 else p.update(done)
   assert [l.split(" |")[0].split()[1] for l in logged] == ["3/20", "6/20", "12/20", "20/20"]
   assert all(l.endswith("loss=0.3") for l in logged)
+
+
+def test_restart_rate_drops_compilation():
+  clock = _Clock()
+  p = progress.Progress(10, tty=False, log=lambda _: None, clock=clock)
+  clock.t += 30.0  # first batch: compilation
+  p.update(2)
+  p.restart_rate()
+  assert p.rate() is None
+  clock.t += 2.0
+  p.update(6)
+  assert p.rate() == 2.0 and p.eta() == 2.0
