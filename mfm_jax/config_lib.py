@@ -201,6 +201,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.crop_size = (1024, 1024)
   c.eval.stride = (512, 512)
   c.eval.which = "student"  # the reference evaluates the student (§1.5)
+  c.eval.num_logged_images = 3  # OURS: validation predictions shown in TensorBoard per eval
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices on the 'data' axis; -1 = all
@@ -296,7 +297,8 @@ _POSITIVE = ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_c
              "data.rcs.temperature")
 _NON_NEGATIVE = ("optim.weight_decay", "optim.warmup_steps", "mfm.weight", "uda.mic.weight",
                  "uda.fd.weight", "data.num_workers", "uda.pseudo_ignore_top",
-                 "uda.pseudo_ignore_bottom", "data.max_eval_images", "model.drop_path_rate")
+                 "uda.pseudo_ignore_bottom", "data.max_eval_images", "model.drop_path_rate",
+                 "eval.num_logged_images")
 
 
 def _get(c: ml_collections.ConfigDict, key: str) -> Any:

@@ -1,8 +1,9 @@
 r"""Checkpoint evaluation: ``python -m mfm_jax.evaluate --config=CFG --checkpoint=PATH``.
 
 PATH is an Orbax checkpoint (a training workdir's ``checkpoints/`` root → newest step, one step
-directory, or the output of ``python -m mfm_jax.convert``) or a PyTorch ``.pth`` of the
-reference code (DAFormer / HRDA / MIC runs; read without executing pickled code). Prints the
+directory, or the output of ``python -m mfm_jax.convert``), a PyTorch ``.pth`` of the
+reference code (DAFormer / HRDA / MIC runs; read without executing pickled code) or the same
+state_dict as ``.safetensors``. Prints the
 per-class IoU table with mIoU over 19 classes and the SYNTHIA 16/13-class protocols, and writes
 it as JSON next to the checkpoint (``<PATH>.eval_<which>_<mode>.json``).
 
@@ -27,6 +28,10 @@ from mfm_jax.data import pipeline
 from mfm_jax.evaluation import format_report
 
 
+# PyTorch-layout weight files; anything else must be an Orbax checkpoint directory.
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
 def torch_arch(config: ml_collections.ConfigDict) -> str:
   """The converter architecture name of ``config``'s segmentor."""
   if config.model.hrda.enabled:
@@ -46,15 +51,25 @@ def _abstract_variables(config, host) -> dict[str, Any]:
 
 
 def load_variables(config: ml_collections.ConfigDict, host, path: str,
-                   which: str = "student") -> dict[str, Any]:
-  """Segmentor variables from an Orbax directory or a ``.pth`` file, strictly checked."""
+                   which: str = "student", report: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+  """Segmentor variables from an Orbax directory or a ``.pth`` / ``.safetensors`` file.
+
+  Every parameter must be filled and every tensor used (errors list the names). A ``report``
+  dict is filled with what was loaded (format, tensors read, notes, counts, checksum), the
+  figures ``convert`` prints.
+  """
   target = _abstract_variables(config, host)
-  if path.endswith((".pth", ".pt")):
+  info = {"checkpoint": path, "which": which, "notes": []}
+  if path.lower().endswith(WEIGHT_FILE_SUFFIXES):
     from mfm_jax.convert import mapping, torch_io  # pylint: disable=g-import-not-at-top
-    state_dict = torch_io.load_state_dict(path, which=which)
-    loaded = mapping.torch_to_flax(state_dict, torch_arch(config))
+    ckpt = torch_io.load_checkpoint(path, which=which)
+    loaded = mapping.torch_to_flax(ckpt.state_dict, torch_arch(config))
     params, bstats = loaded["params"], loaded.get("batch_stats", {})
+    info.update(format=os.path.splitext(path)[1].lstrip(".").lower(),
+                tensors_read=len(ckpt.state_dict), notes=ckpt.notes)
   else:
+    info["format"] = "orbax"
     if which == "teacher":
       params = checkpoint.load_params(path, subtree=("ema_params",))
       bstats = checkpoint.load_params(path, subtree=("ema_batch_stats",))
@@ -66,6 +81,12 @@ def load_variables(config: ml_collections.ConfigDict, host, path: str,
   out["batch_stats"] = (state_lib.merge_strict(target["batch_stats"], bstats,
                                                f"BatchNorm statistics from {path}")
                         if target["batch_stats"] else {})
+  if report is not None:
+    from mfm_jax.convert import mapping  # pylint: disable=g-import-not-at-top
+    info.update(param_count=mapping.summarize(out["params"])["values"],
+                batch_stats_count=mapping.summarize(out["batch_stats"])["values"]
+                if out["batch_stats"] else 0, checksum=mapping.summarize(out))
+    report.update(info)
   return out
 
 
@@ -101,7 +122,8 @@ if __name__ == "__main__":
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "Config file[:preset].", lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory or a PyTorch .pth file.")
+  flags.DEFINE_string("checkpoint", None,
+                      "Orbax checkpoint directory, or a PyTorch .pth / .safetensors file.")
   flags.DEFINE_enum("which", "student", ["student", "teacher"], "Student or EMA-teacher weights.")
   flags.DEFINE_string("output", "", "JSON output path (default: next to the checkpoint).")
   flags.mark_flags_as_required(["config", "checkpoint"])

@@ -15,12 +15,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from absl import logging
+
 from mfm_jax import evaluation, ops
+from mfm_jax import progress as progress_lib
 from mfm_jax.data import labels as labels_lib
 
 
-def make_predict_fn(config: ml_collections.ConfigDict, host) -> Callable[..., jax.Array]:
-  """Returns jitted ``predict(variables, image [B,h,w,3], label_size) -> int32 [B,H,W]``."""
+def make_predict_fn(config: ml_collections.ConfigDict, host, *,
+                    pad_multiple: int = 1) -> Callable[..., jax.Array]:
+  """Returns jitted ``predict(variables, image [B,h,w,3], label_size) -> int32 [B,H,W]``.
+
+  ``pad_multiple > 1`` zero-pads (= the mean colour after Normalize) the bottom/right of the
+  input to a multiple of it and crops the logits back before the resize: HRDA's windows must
+  align with the head's output stride, which images of arbitrary size do not (predict).
+  """
   mode = config.eval.mode
   k = config.model.num_classes
 
@@ -29,12 +38,17 @@ def make_predict_fn(config: ml_collections.ConfigDict, host) -> Callable[..., ja
     return logits
 
   def predict(variables, image, label_size):
+    h, w = image.shape[1:3]
+    ph, pw = -h % pad_multiple, -w % pad_multiple
+    if ph or pw:
+      image = jnp.pad(image, ((0, 0), (0, ph), (0, pw), (0, 0)))
     if mode == "slide":
       logits = evaluation.slide_inference(
           lambda x: logits_fn(variables, x), image, tuple(config.eval.crop_size),
           tuple(config.eval.stride), k)
     else:
       logits = logits_fn(variables, image)
+    logits = logits[:, :h, :w]  # both modes return logits at the (padded) input size
     logits = ops.resize_bilinear(logits.astype(jnp.float32), label_size)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
@@ -42,11 +56,23 @@ def make_predict_fn(config: ml_collections.ConfigDict, host) -> Callable[..., ja
 
 
 def evaluate(config: ml_collections.ConfigDict, host, variables: dict[str, Any],
-             batches: Iterable[dict[str, np.ndarray]], predict_fn=None) -> dict[str, Any]:
-  """mIoU report (19 classes + SYNTHIA 16/13 protocols) of ``variables`` on ``batches``."""
+             batches: Iterable[dict[str, np.ndarray]], predict_fn=None, *,
+             on_batch: Callable[[dict[str, np.ndarray], np.ndarray], Any] | None = None,
+             show_progress: bool = True) -> dict[str, Any]:
+  """mIoU report (19 classes + SYNTHIA 16/13 protocols) of ``variables`` on ``batches``.
+
+  ``on_batch(batch, prediction)`` sees every batch with its host prediction (e.g. to keep a
+  few for pictures). With ``show_progress`` (and a sized ``batches``) the images done, the rate
+  and the ETA are shown (a live line on a terminal, otherwise every 25 %).
+  """
   predict_fn = predict_fn or make_predict_fn(config, host)
   conf = np.zeros((config.model.num_classes,) * 2, np.int64)
   count = 0
+  total = len(batches) if hasattr(batches, "__len__") else 0
+  progress = None
+  if show_progress and total and jax.process_index() == 0:
+    progress = progress_lib.Progress(total, desc="eval", unit="img",
+                                     every=max(total // 4, 1), log=logging.info)
   for batch in batches:
     label = np.asarray(batch["label"])
     pred = np.asarray(predict_fn(variables, jnp.asarray(batch["image"]),
@@ -54,6 +80,12 @@ def evaluate(config: ml_collections.ConfigDict, host, variables: dict[str, Any],
     conf += np.asarray(evaluation.confusion_matrix(pred, label, config.model.num_classes),
                        np.int64)
     count += label.shape[0]
+    if on_batch is not None:
+      on_batch(batch, pred)
+    if progress is not None:
+      progress.update(min(count, total))
+  if progress is not None:
+    progress.close()
   if jax.process_count() > 1:  # each process evaluated its own shard of the split
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     conf = np.asarray(multihost_utils.process_allgather(conf)).sum(0)

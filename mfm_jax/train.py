@@ -11,8 +11,10 @@ these outcomes to.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import resource
 import time
 from typing import Any
 
@@ -22,6 +24,8 @@ from absl import logging
 
 from mfm_jax import (checkpoint, config_lib, errors, inference, json_io, metric_writers, parallel,
                      run_lock, state as state_lib, stopping)
+from mfm_jax import progress as progress_lib
+from mfm_jax import visualize
 from mfm_jax.data import pipeline
 from mfm_jax.evaluation import format_report, report_scalars
 from mfm_jax.train_step import make_update_fn
@@ -39,6 +43,39 @@ def _raise_non_finite(first: int, last: int, last_saved: int | None, detail: str
   where = f"at step {last}" if first >= last else f"between steps {first} and {last}"
   raise NonFiniteLossError(f"Non-finite loss or gradient {where}; training stopped and {kept}. "
                            f"Lower config.optim.lr or check the data.{detail}")
+
+
+def _images_per_step(config: ml_collections.ConfigDict) -> int:
+  """Images one step reads: the global source batch, plus the target batch when it is used."""
+  uses_target = bool(config.uda.enabled) or bool(config.mfm.enabled)
+  return int(config.data.batch_size) * (2 if uses_target else 1)
+
+
+def _memory_figures() -> dict[str, float]:
+  """Device memory (allocator in use / peak, GPU and TPU only) and the host's peak RSS, GiB."""
+  out = {}
+  try:
+    stats = jax.local_devices()[0].memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except  (backends without allocator statistics)
+    stats = {}
+  for key, name in (("bytes_in_use", "device_mem_gib"), ("peak_bytes_in_use",
+                                                         "device_peak_mem_gib")):
+    if key in stats:
+      out[f"perf/{name}"] = stats[key] / 2**30
+  # ru_maxrss is in KiB on Linux.
+  out["perf/host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  return out
+
+
+class _SampleKeeper:
+  """``inference.evaluate`` hook keeping the first ``n`` (image, prediction, label) triples."""
+
+  def __init__(self, n: int):
+    self.n, self.samples = n, []
+
+  def __call__(self, batch: dict[str, Any], pred: np.ndarray) -> None:
+    for i in range(min(self.n - len(self.samples), pred.shape[0])):
+      self.samples.append((np.asarray(batch["image"][i]), pred[i], np.asarray(batch["label"][i])))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -111,8 +148,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: stopping.StopR
                                        state_lib.deployed_params(state, config.eval.which))
     batches = pipeline.make_eval_dataset(config.data, process_index=jax.process_index(),
                                          process_count=jax.process_count())
-    report = inference.evaluate(config, host, variables, batches, predict_fn)
+    keeper = _SampleKeeper(config.eval.num_logged_images if is_main else 0)
+    report = inference.evaluate(config, host, variables, batches, predict_fn, on_batch=keeper)
     writer.write_scalars(step, report_scalars(report))
+    writer.write_texts(step, {"eval/iou_table": visualize.iou_markdown(report)})
+    # image | prediction | ground truth, Cityscapes colours.
+    writer.write_images(step, {f"eval/sample_{i}": visualize.validation_panel(*sample)
+                               for i, sample in enumerate(keeper.samples)})
     if log_table:
       logging.info("Evaluation at step %d (%.1fs):\n%s", step, time.time() - t0,
                    format_report(report))
@@ -129,7 +171,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: stopping.StopR
       if step_fn is None:
         return {"stopped_at": start, "preempted": stop.name, "saved": False}
       logging.info("Compiled the train step in %.1fs.", time.time() - t_compile)
-    progress = metric_writers.Progress(config.num_steps, start)
+    # Logged steps are synchronised (device_get), so their times give the rate and the ETA.
+    progress = None
+    finished = collections.deque()
+    images_per_step = _images_per_step(config)
+    last_log = (time.time(), start)
     checked = start  # the non-finite flag was last read after this step
     for step in range(start, config.num_steps):
       if step > start:
@@ -138,17 +184,34 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: stopping.StopR
       done = step + 1
       if step == start:
         jax.block_until_ready(metrics)
-        progress = metric_writers.Progress(config.num_steps, done)  # rate without compilation
-      if done % config.log_every == 0 or done == config.num_steps or step == start:
+        # Started after the first step, so that compilation is not in the rate.
+        progress = progress_lib.Progress(config.num_steps, desc="train", start=done,
+                                         every=config.log_every, log=logging.info)
+        last_log = (time.time(), done)
+      log_now = done % config.log_every == 0 or done == config.num_steps or step == start
+      if log_now:
         host_metrics, nonfinite = jax.device_get((metrics, state.nonfinite))
         if nonfinite:
           _raise_non_finite(checked + 1, done, last_saved)
         checked = done
         host_metrics = {k: float(v) for k, v in host_metrics.items()}
         host_metrics["lr"] = float(schedule(step))
+        now = time.time()
+        if done > last_log[1]:
+          steps_per_s = (done - last_log[1]) / max(now - last_log[0], 1e-9)
+          host_metrics["perf/steps_per_s"] = steps_per_s
+          host_metrics["perf/images_per_s"] = steps_per_s * images_per_step
+        last_log = (now, done)
+        host_metrics.update(_memory_figures())
         writer.write_scalars(done, host_metrics)
-        logging.info("%s | %s", progress.line(done), " ".join(
-            f"{k}={v:.4g}" for k, v in sorted(host_metrics.items())))
+        progress.update(done, force=True, **dict(sorted(host_metrics.items())))
+        finished.clear()
+      elif progress is not None and progress.tty:
+        # Live line: steps are dispatched asynchronously, so a step counts when its metrics
+        # are ready (checked without blocking), not when the host queued it.
+        finished.append((done, jax.tree_util.tree_leaves(metrics)[0]))
+        while finished and finished[0][1].is_ready():
+          progress.update(finished.popleft()[0])
       if done % config.eval_every == 0 and done != config.num_steps and not stop.requested:
         run_eval(done)
       stop_now = stop.should_stop(done)
@@ -162,12 +225,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: stopping.StopR
             last_saved = done
         except checkpoint.NonFiniteStateError as e:
           _raise_non_finite(done, done, last_saved, f" {e}")
+      if (stop_now or done == stop_at) and progress is not None:
+        progress.close()
       if stop_now:
         logging.warning("Stopped by %s after step %d; checkpoint saved. Run the same command "
                         "again to resume.", stop.name, done)
         return {"stopped_at": done, "preempted": stop.name, "saved": True}
       if done == stop_at:
         return {"stopped_at": done}
+    if progress is not None:
+      progress.close()
     report = run_eval(config.num_steps, log_table=False)
     if is_main:
       json_io.write_atomic(os.path.join(workdir, "eval_results.json"), report)

@@ -1,89 +1,81 @@
-"""Tests for mfm_jax.metric_writers: CRC-32C, TFRecord framing, Event decoding, JSONL, Progress."""
+"""Tests for mfm_jax.metric_writers: JSONL, and event files read back by TensorBoard's reader.
 
+The event files are written by tensorboardX and read with TensorBoard's own loaders
+(``event_file_loader`` for raw events, ``EventAccumulator`` as the TensorBoard UI does), both
+of which work without TensorFlow.
+"""
+
+import io
 import json
 import os
-import struct
 
 import numpy as np
+import PIL.Image
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.backend.event_processing import event_file_loader
+from tensorboard.util import tensor_util
 
 from mfm_jax import metric_writers as mw
 
 
-def _crc32c_bitwise(data: bytes) -> int:
-  # Independent reference: bit-at-a-time CRC-32C, no table.
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc ^= byte
-    for _ in range(8):
-      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-  return crc ^ 0xFFFFFFFF
+def _events(path):
+  return list(event_file_loader.EventFileLoader(path).Load())
 
 
-def _masked(crc: int) -> int:
-  return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _read_records(path):
-  """Parses TFRecord framing and checks both CRCs of every record."""
-  records = []
-  with open(path, "rb") as f:
-    blob = f.read()
-  pos = 0
-  while pos < len(blob):
-    header = blob[pos:pos + 8]
-    (length,) = struct.unpack("<Q", header)
-    (len_crc,) = struct.unpack("<I", blob[pos + 8:pos + 12])
-    assert len_crc == _masked(_crc32c_bitwise(header))
-    data = blob[pos + 12:pos + 12 + length]
-    (data_crc,) = struct.unpack("<I", blob[pos + 12 + length:pos + 16 + length])
-    assert data_crc == _masked(_crc32c_bitwise(data))
-    records.append(data)
-    pos += 16 + length
-  assert pos == len(blob)
-  return records
-
-
-def test_crc32c_known_vectors():
-  assert mw.crc32c(b"123456789") == 0xE3069283
-  assert mw.crc32c(b"") == 0
-  # RFC 3720 (iSCSI) appendix B.4 vectors.
-  assert mw.crc32c(bytes(32)) == 0x8A9136AA
-  assert mw.crc32c(b"\xff" * 32) == 0x62A8AB43
-  assert mw.crc32c(bytes(range(32))) == 0x46DD794E
-  rng = np.random.default_rng(0)
-  for n in (1, 7, 100):
-    data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-    assert mw.crc32c(data) == _crc32c_bitwise(data)
-  assert mw.masked_crc32c(b"123456789") == _masked(0xE3069283)
+def _accumulator(logdir):
+  acc = event_accumulator.EventAccumulator(
+      str(logdir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+  acc.Reload()
+  return acc
 
 
 def test_writer_jsonl_and_event_file(tmp_path):
   with mw.MetricWriter(tmp_path / "logs") as writer:
     writer.write_scalars(10, {"loss": 1.5, "lr": np.float32(6e-5), "miou": np.array(42.25)})
-    writer.write_scalars(20, {"loss": 0.75, "count": 3})
+    writer.write_scalars(20, {"loss": 0.75, "count": 3, "eval/IoU/traffic light": 12.5})
     writer.write_scalars(2**40, {"loss": -2.0})
     events_path = writer.events_path
   files = sorted(os.listdir(tmp_path / "logs"))
   assert files[0].startswith("events.out.tfevents.") and files[1] == "metrics.jsonl"
-  name = files[0].split(".")
-  assert name[3].isdigit() and name[4]  # unix time, hostname
+  assert os.path.join(tmp_path, "logs", files[0]) == events_path
 
   lines = [json.loads(l) for l in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
   assert lines[0] == {"step": 10, "loss": 1.5, "lr": pytest.approx(6e-5), "miou": 42.25}
-  assert lines[1] == {"step": 20, "loss": 0.75, "count": 3}
+  assert lines[1] == {"step": 20, "loss": 0.75, "count": 3, "eval/IoU/traffic light": 12.5}
   assert lines[2]["step"] == 2**40
 
-  records = _read_records(events_path)
-  assert len(records) == 4
-  event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
-  events = [event_pb2.Event.FromString(r) for r in records]
+  events = _events(events_path)
   assert events[0].file_version == "brain.Event:2"
-  assert events[1].step == 10 and events[1].wall_time > 1.6e9
-  got = {v.tag: v.simple_value for v in events[1].summary.value}
-  assert got == {"loss": 1.5, "lr": pytest.approx(6e-5), "miou": 42.25}
-  assert {v.tag: v.simple_value for v in events[2].summary.value} == {"loss": 0.75, "count": 3.0}
-  assert events[3].step == 2**40
+  acc = _accumulator(tmp_path / "logs")
+  loss = [(e.step, e.value) for e in acc.Scalars("loss")]
+  assert loss == [(10, 1.5), (20, 0.75), (2**40, -2.0)]
+  assert acc.Scalars("lr")[0].value == pytest.approx(6e-5)
+  assert acc.Scalars("miou")[0].value == 42.25
+  assert acc.Scalars("count")[0].value == 3.0
+  # TensorBoard tags cannot hold spaces: tensorboardX writes '_' instead.
+  assert acc.Scalars("eval/IoU/traffic_light")[0].value == 12.5
+  assert all(e.wall_time > 1.6e9 for e in acc.Scalars("loss"))
+
+
+def test_text_and_images(tmp_path):
+  table = "| class | IoU |\n|---|---|\n| road | 97.10 |"
+  image = np.zeros((6, 10, 3), np.uint8)
+  image[:, :5] = (128, 64, 128)
+  with mw.MetricWriter(tmp_path) as w:
+    w.write_texts(500, {"eval/iou_table": table})
+    w.write_images(500, {"val/0": image, "val/gray": np.full((4, 4), 7, np.uint8)})
+  acc = _accumulator(tmp_path)
+  texts = acc.Tensors("eval/iou_table/text_summary")
+  assert texts[0].step == 500
+  assert tensor_util.make_ndarray(texts[0].tensor_proto).item().decode() == table
+  img = acc.Images("val/0")[0]
+  assert (img.step, img.width, img.height) == (500, 10, 6)
+  decoded = np.asarray(PIL.Image.open(io.BytesIO(img.encoded_image_string)).convert("RGB"))
+  np.testing.assert_array_equal(decoded, image)
+  assert acc.Images("val/gray")[0].width == 4
+  with mw.MetricWriter(tmp_path / "bad") as w, pytest.raises(ValueError, match="'x' must be uint8"):
+    w.write_images(1, {"x": np.zeros((4, 4, 3), np.float32)})
 
 
 def test_negative_step_and_appending(tmp_path):
@@ -93,16 +85,18 @@ def test_negative_step_and_appending(tmp_path):
   with mw.MetricWriter(tmp_path) as w:  # Same second: a second event file, JSONL appended.
     w.write_scalars(5, {"x": 2.0})
     second = w.events_path
-  assert first != second
+  assert first != second and os.path.isfile(first) and os.path.isfile(second)
   steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert steps == [-1, 5]
-  event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
-  assert event_pb2.Event.FromString(_read_records(first)[1]).step == -1
+  assert [e.step for e in _events(first) if e.summary.value] == [-1]
+  assert sorted(e.step for e in _accumulator(tmp_path).Scalars("x")) == [-1, 5]
 
 
 def test_disabled_writer_and_errors(tmp_path):
   w = mw.MetricWriter(tmp_path / "off", enabled=False)
   w.write_scalars(1, {"a": 1.0})
+  w.write_texts(1, {"a": "b"})
+  w.write_images(1, {"a": np.zeros((2, 2, 3), np.uint8)})
   w.flush()
   w.close()
   assert not (tmp_path / "off").exists()
@@ -115,19 +109,3 @@ def test_disabled_writer_and_errors(tmp_path):
   w.close()
   with pytest.raises(RuntimeError, match="closed"):
     w.write_scalars(2, {"a": 1.0})
-
-
-def test_progress_line():
-  now = [100.0]
-  p = mw.Progress(total_steps=1000, start_step=100, window=3, clock=lambda: now[0])
-  assert p.line(100) == "step 100/1000 (10.0%) | -- it/s | ETA --:--:--"
-  now[0] += 60.0  # Slow first interval (compilation).
-  p.line(110)
-  for _ in range(3):
-    now[0] += 10.0
-    line = p.line(p._marks[-1][1] + 50)
-  # After the window moved past the slow interval: 150 steps in 30 s = 5 it/s.
-  assert line == "step 260/1000 (26.0%) | 5.00 it/s | ETA 0:02:28"
-  assert mw.format_duration(3 * 3600 + 61) == "3:01:01"
-  with pytest.raises(ValueError, match="total_steps"):
-    mw.Progress(0, 0)

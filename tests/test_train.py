@@ -69,9 +69,19 @@ def test_train_resume_equals_uninterrupted(tmp_path, data_dir, capsys, caplog):
   lines = [_strict_json(l) for l in open(os.path.join(full, "metrics.jsonl"))]
   keys = set().union(*lines)
   for k in ("loss/src_ce", "loss/fd", "loss/mix_ce", "loss/mic_ce", "loss/mfm_target",
-            "loss/total", "pseudo_weight", "lr"):
+            "loss/total", "pseudo_weight", "ema_alpha", "lr", "perf/steps_per_s",
+            "perf/images_per_s", "perf/host_peak_rss_gib", "eval/mIoU", "eval/IoU/road"):
     assert k in keys, k
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(full))
+  # TensorBoard's own reader: scalars, the IoU table (text) and validation pictures.
+  from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
+  acc = event_accumulator.EventAccumulator(full, size_guidance={"images": 0, "tensors": 0})
+  acc.Reload()
+  assert [e.step for e in acc.Scalars("loss/total")] == [1, 2, 3, 4]
+  assert acc.Scalars("eval/mIoU")[-1].value == pytest.approx(report["mIoU"], rel=1e-6)
+  assert acc.Tensors("eval/iou_table/text_summary")[-1].step == 4
+  image = acc.Images("eval/sample_0")[-1]  # image | prediction | ground truth
+  assert image.step == 4 and image.width > 3 * 192 and image.height == 96
 
   # Stop at step 2 (as if killed), then resume to 4 in the same workdir.
   part = str(tmp_path / "part")

@@ -1,11 +1,12 @@
-"""Converter entry points: PyTorch ``.pth`` → Orbax checkpoint, and Orbax → ``.pth``.
+"""Converter entry points: PyTorch ``.pth`` / ``.safetensors`` ⇄ Orbax checkpoint.
 
 The Orbax checkpoint holds ``{'params': {'model': <segmentor params>}, 'batch_stats': <BN
 statistics>}``, the same sub-trees as a training state, so ``config.init_from`` reads it through
 ``mfm_jax.checkpoint.load_params(path, ('params', 'model'))`` (``config.init_scope='backbone'``
 for ImageNet encoders, which are stored as ``{'model': {'backbone': ...}}``).
-Both directions write atomically: Orbax finalises its directory by a rename, and ``.pth`` files
-go through a temporary name, so a failed run leaves no partial output.
+Both directions write atomically: Orbax finalises its directory by a rename, and ``.pth`` /
+``.safetensors`` files go through a temporary name, so a failed run leaves no partial output.
+Both file formats go through the same selection, strict mapping and load report.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import orbax.checkpoint as ocp
 
 from mfm_jax.convert import mapping
 from mfm_jax.convert import rebuilder_mapping
+from mfm_jax.convert import safetensors_io
 from mfm_jax.convert import torch_io
 
 
@@ -31,7 +33,7 @@ def _check_output(path: str, overwrite: bool) -> None:
 
 def convert_to_orbax(input_path: str, output_dir: str, arch: str = "auto",
                      which: str = "student", overwrite: bool = False) -> dict[str, Any]:
-  """Reads ``input_path`` (.pth), converts strictly and saves an Orbax checkpoint.
+  """Reads ``input_path`` (.pth or .safetensors), converts strictly, saves an Orbax checkpoint.
 
   Returns a report dict: arch, tensors read, arrays/values written, checksum, notes.
   """
@@ -74,6 +76,8 @@ def export_to_torch(input_dir: str, output_path: str, arch: str = "auto",
                     overwrite: bool = False, grid: int = 16) -> dict[str, Any]:
   """Orbax checkpoint (converted, or a training checkpoint) → reference-named ``.pth``.
 
+  An ``output_path`` ending in ``.safetensors`` is written in that format instead.
+
   ``which='teacher'`` exports a training checkpoint's EMA weights. A backbone ``arch``
   ('mit_b5', 'resnet', ...) exports only the encoder, with SegFormer/mmcv-native names.
   """
@@ -104,7 +108,10 @@ def export_to_torch(input_dir: str, output_path: str, arch: str = "auto",
       notes.append(f"exported only the backbone; ignored {sorted(set(params) - {'backbone'})}")
     params, bstats = params["backbone"], (bstats or {}).get("backbone", {})
   sd = mapping.flax_to_torch({"params": params, "batch_stats": bstats}, guess, prefix=prefix)
-  torch_io.save_state_dict(sd, output_path)
+  if safetensors_io.is_safetensors(output_path):
+    safetensors_io.save(sd, output_path)
+  else:
+    torch_io.save_state_dict(sd, output_path)
   return {"input": input_dir, "output": output_path, "arch": guess, "which": which,
           "tensors_written": len(sd), "param_count": _count(params),
           "batch_stats_count": _count(bstats),

@@ -1,5 +1,8 @@
 """Safe reading and atomic writing of PyTorch ``.pth`` checkpoints (torch is imported lazily).
 
+``load_checkpoint`` also reads ``.safetensors`` files (``safetensors_io``, no torch needed) and
+applies the same selection and notes to them.
+
 Files are read with ``torch.load(..., weights_only=True)``: the unpickler only rebuilds tensors,
 containers and a short list of data-only numpy types, so a pickle that would run code is refused
 before anything executes. Accepted layouts (uda_reference.md §1.5 and §5):
@@ -23,6 +26,7 @@ import dataclasses
 import os
 import pickle
 import re
+import sys
 from typing import Any, Mapping
 
 import numpy as np
@@ -90,13 +94,25 @@ def read_pth(path: str) -> Any:
                                f"file?): {type(e).__name__}: {first}") from None
 
 
+def _is_array(value: Any) -> bool:
+  """A torch tensor (only if torch is loaded: a safetensors read never imports it) or ndarray."""
+  if isinstance(value, np.ndarray):
+    return True
+  torch = sys.modules.get("torch")
+  return torch is not None and isinstance(value, torch.Tensor)
+
+
 def _is_tensor_dict(obj: Any) -> bool:
-  import torch  # pylint: disable=g-import-not-at-top
   return (isinstance(obj, Mapping) and bool(obj)
-          and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+          and all(isinstance(k, str) and _is_array(v) for k, v in obj.items()))
 
 
 def _to_numpy(name: str, tensor: Any, path: str, notes: list[str]) -> np.ndarray:
+  if isinstance(tensor, np.ndarray):  # from a safetensors file
+    if tensor.dtype.name in ("float16", "bfloat16"):
+      notes.append(f"{name}: {tensor.dtype} upcast to float32")
+      return tensor.astype(np.float32)
+    return tensor
   import torch  # pylint: disable=g-import-not-at-top
   tensor = tensor.detach().cpu()
   if tensor.dtype in (torch.bfloat16, torch.float16):
@@ -188,8 +204,9 @@ def _from_hf_segformer(sd: dict[str, np.ndarray], notes: list[str]) -> dict[str,
 
 
 def load_checkpoint(path: str, which: str = "student") -> TorchCheckpoint:
-  """Reads ``path`` safely and returns the selected network's tensors as numpy arrays."""
-  obj = read_pth(path)
+  """Reads ``path`` (.pth or .safetensors) safely; returns the selected network's tensors."""
+  from mfm_jax.convert import safetensors_io  # pylint: disable=g-import-not-at-top
+  obj = safetensors_io.read(path) if safetensors_io.is_safetensors(path) else read_pth(path)
   sd, notes = select_state_dict(obj, which, path)
   arrays = {k: _to_numpy(k, v, path, notes) for k, v in sd.items()}
   arrays = _from_hf_segformer(arrays, notes)  # after _to_numpy: fp16/bf16 files are upcast

@@ -51,6 +51,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 
 from mfm_jax import errors
+from mfm_jax import progress as progress_lib
 from mfm_jax.data import labels
 
 DATASETS = ("gta5", "synthia", "cityscapes", "folder")
@@ -299,9 +300,14 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         results = pool.map(_load_packed, jobs, chunksize=8)
       else:
         results = map(_load_packed, jobs)
+      progress = progress_lib.Progress(
+          max(len(items), 1), desc=f"prepare {self.DATASET}/{split}", unit="img",
+          every=max(len(items) // 10, 1), log=logging.info)
       for i, ((img, _), (image, label, counts)) in enumerate(zip(items, results)):
         stats.append(counts.tolist())
         yield i, {"image": image, "label": label, "image_id": img, "class_pixels": counts}
+        progress.update(i + 1)
+      progress.close()
 
 
 class Gta5(_Builder, skip_registration=True):
@@ -412,6 +418,7 @@ def prepare(dataset: str, raw_dir: str, data_dir: str, *,
                              "data or another label map; use a different data_dir.")
       logging.info("%s is already prepared at %s.", dataset, path)
       return path
+    tfds.disable_progress_bar()  # our own progress line (rate, ETA) replaces TFDS's bars
     with tempfile.TemporaryDirectory() as downloads:  # TFDS wants a download dir; keep it out
       builder.download_and_prepare(
           download_dir=downloads, file_format="array_record",
