@@ -61,7 +61,10 @@ def convert_to_orbax(input_path: str, output_dir: str, arch: str = "auto",
 def _rebuilder_to_orbax(input_path: str, output_dir: str, arch: str, overwrite: bool
                         ) -> dict[str, Any]:
   """The released MFM Rebuilder (bare, or inside a whole training checkpoint) → Orbax."""
-  sd = rebuilder_mapping.unwrap(torch_io.read_pth(input_path), input_path)
+  if safetensors_io.is_safetensors(input_path):
+    sd = safetensors_io.read(input_path)
+  else:
+    sd = rebuilder_mapping.unwrap(torch_io.read_pth(input_path), input_path)
   out = rebuilder_mapping.convert_to_orbax(sd, output_dir, arch, overwrite)
   params = out["params"]
   return {"input": input_path, "output": output_dir, "arch": arch, "which": "rebuilder",
@@ -85,8 +88,11 @@ def export_to_torch(input_dir: str, output_path: str, arch: str = "auto",
   _check_output(output_path, overwrite)
   if arch in rebuilder_mapping.ARCHS:
     params = checkpoint.load_params(input_dir, subtree=("params", "rebuilder"))
-    sd = rebuilder_mapping.flax_to_torch(params, arch, grid=grid)
-    torch_io.save_state_dict({prefix + k: v for k, v in sd.items()}, output_path)
+    sd = {prefix + k: v for k, v in rebuilder_mapping.flax_to_torch(params, arch, grid).items()}
+    if safetensors_io.is_safetensors(output_path):
+      safetensors_io.save(sd, output_path)
+    else:
+      torch_io.save_state_dict(sd, output_path)
     return {"input": input_dir, "output": output_path, "arch": arch, "which": "rebuilder",
             "tensors_written": len(sd), "param_count": _count(params), "batch_stats_count": 0,
             "checksum": mapping.summarize({"params": params}),
