@@ -301,3 +301,43 @@ def test_real_two_run_study_and_prediction_grid(tmp_path, monkeypatch):
   # Colourised with the Cityscapes palette: road is (128, 64, 128), ignore black.
   rgb = visual.colourise(np.array([[0, 255]]))
   assert rgb.tolist() == [[[128, 64, 128], [0, 0, 0]]]
+
+
+# --- the latent-mask figure ------------------------------------------------------------------
+
+
+def test_pc1_and_masked_cosine():
+  from mfm_jax.study import latent  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  orig = rng.normal(size=(4, 4, 6))
+  orig[..., 0] *= 10  # the dominant direction
+  p_orig, p_same = latent._pc1(orig, orig.copy())  # pylint: disable=protected-access
+  np.testing.assert_allclose(p_orig, p_same)
+  assert abs(np.corrcoef(p_orig.ravel(), orig[..., 0].ravel())[0, 1]) > 0.95
+  masked = np.zeros((4, 4), bool)
+  masked[:2] = True
+  assert latent.masked_cosine(orig, orig, masked) == pytest.approx(1.0)
+  assert latent.masked_cosine(orig, -orig, masked) == pytest.approx(-1.0)
+  assert np.isnan(latent.masked_cosine(orig, orig, np.zeros((4, 4), bool)))
+
+
+def test_latent_figure_on_a_one_step_mfm_run(tmp_path):
+  """A one-step DACS+MFM run: the figure is written, visible cells are the encoder's own."""
+  from mfm_jax import config_lib, train  # pylint: disable=g-import-not-at-top
+  from mfm_jax.study import latent  # pylint: disable=g-import-not-at-top
+  c = config_lib.experiment("dacs", True, "synthetic")
+  c.data.synthetic.num_source, c.data.synthetic.num_target, c.data.synthetic.num_val = 8, 4, 2
+  c.data.data_dir = str(tmp_path / "data")
+  c.mesh.data = 1
+  workdir = str(tmp_path / "run")
+  assert train.train_and_evaluate(c, workdir, stop_at=1) == {"stopped_at": 1}
+  out = latent.rebuild_one(workdir, seed=3)
+  assert out["levels"] == [0, 1, 2, 3] and out["keep"].shape == (2, 2)
+  for orig, reb in zip(out["original"], out["rebuilt"]):
+    assert orig.shape == reb.shape
+    k = np.kron(out["keep"], np.ones((orig.shape[0] // 2, orig.shape[1] // 2))) > 0.5
+    np.testing.assert_array_equal(orig[k], reb[k])
+  cos = latent.latent_figure(workdir, str(tmp_path / "latent.png"), seed=3)
+  assert sorted(cos) == ["level_1", "level_2", "level_3", "level_4"]
+  with open(tmp_path / "latent.png", "rb") as f:
+    assert f.read(8) == PNG_MAGIC
