@@ -333,8 +333,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
     v = tuple(_get(c, key))
     if len(v) != 2 or not all(isinstance(x, int) and x > 0 for x in v):
       raise ConfigError(f"config.{key}={v!r} must be two positive integers.")
-  if c.mfm.enabled:
-    validate_mfm(c)
   bad = [k for k in c.uda.fd.classes if not 0 <= k < c.model.num_classes]
   if bad:
     raise ConfigError(f"config.uda.fd.classes has ids outside [0, {c.model.num_classes}): {bad}.")
@@ -348,6 +346,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     config_checks.check(c)  # names, crop divisibility, HRDA rules, block sizes
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  if c.mfm.enabled:  # after the names: the token grid needs a known backbone
+    validate_mfm(c)
 
 
 def validate_mfm(c: ml_collections.ConfigDict) -> None:

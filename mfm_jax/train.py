@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from mfm_jax import (checkpoint, config_lib, errors, inference, json_io, metric_writers, parallel,

@@ -90,6 +90,8 @@ def curves(rdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   out: dict[str, tuple[list[int], list[float]]] = {}
   for step in sorted(by_step):
     for key, value in by_step[step].items():
+      if value is None:  # a non-finite value (strict JSON null)
+        continue
       xs, ys = out.setdefault(key, ([], []))
       xs.append(step)
       ys.append(float(value))

@@ -44,8 +44,10 @@ def collect(runs: Sequence[grids.Run], workdir: str, common=()) -> list[dict[str
     elif num_steps is not None and runner.is_finished(rdir, num_steps):
       with open(path, encoding="utf-8") as f:
         report = json.load(f)
-      rec.update(status="finished", mIoU=float(report["mIoU"]),
-                 per_class={k: float(v) for k, v in report["per_class"].items()})
+      # Strict JSON: a class absent from the val split has IoU null.
+      num = lambda v: math.nan if v is None else float(v)  # noqa: E731
+      rec.update(status="finished", mIoU=num(report["mIoU"]),
+                 per_class={k: num(v) for k, v in report["per_class"].items()})
     elif os.path.isdir(rdir) and runner.last_logged_step(rdir):
       rec["status"] = f"partial (step {runner.last_logged_step(rdir)})"
     records.append(rec)

@@ -320,7 +320,7 @@ def execute(runs: Sequence[grids.Run], workdir: str, *, common=(),
       outcome["finished"].append(run.name)
       with open(os.path.join(rdir, "eval_results.json"), encoding="utf-8") as f:
         miou = json.load(f)["mIoU"]
-      log(f"{head}: mIoU {miou:.2f} in {wall:.0f} s")
+      log(f"{head}: mIoU {float('nan') if miou is None else miou:.2f} in {wall:.0f} s")
     else:
       outcome["failed"].append(run.name)
       log(f"{head}: FAILED (exit code {code}); see {os.path.join(rdir, 'log.txt')}")
