@@ -74,6 +74,8 @@ def latent_figure(rdir: str, output: str, image_index: int = 0, seed: int = 0
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from mfm_jax.study import visual  # pylint: disable=g-import-not-at-top
+  from mfm_jax.uda import mfm  # pylint: disable=g-import-not-at-top
   out = rebuild_one(rdir, image_index, seed)
   image, keep = out["image"], out["keep"]
   levels = out["levels"]
@@ -82,9 +84,8 @@ def latent_figure(rdir: str, output: str, image_index: int = 0, seed: int = 0
   for r, lvl in enumerate(levels):
     orig, reb = out["original"][lvl], out["rebuilt"][lvl]
     size = orig.shape[:2]
-    rows = np.floor(np.arange(size[0]) * keep.shape[0] / size[0]).astype(int)
-    cols = np.floor(np.arange(size[1]) * keep.shape[1] / size[1]).astype(int)
-    masked = keep[rows][:, cols] < 0.5  # nearest, PyTorch's rule, as the Rebuilder's fusion
+    # The level's masked cells exactly as the Rebuilder's fusion sees them.
+    masked = np.asarray(mfm.level_mask(keep[None], size))[0, ..., 0] > 0.5
     cosines[f"level_{lvl + 1}"] = masked_cosine(orig, reb, masked)
     p_orig, p_reb = _pc1(orig, reb)
     lo, hi = np.percentile(p_orig, [1, 99])
@@ -104,10 +105,7 @@ def latent_figure(rdir: str, output: str, image_index: int = 0, seed: int = 0
       ax.set_title(title, fontsize=7)
       ax.set_xticks([])
       ax.set_yticks([])
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  fig.savefig(output, dpi=100, bbox_inches="tight")
-  plt.close(fig)
+  visual.save_figure(fig, output, dpi=100)
   return cosines
 
 

@@ -104,9 +104,15 @@ def prediction_grid(rdirs: Sequence[str], output: str, labels: Sequence[str] | N
       ax.set_yticks([])
       if r == 0:
         ax.set_title(titles[c], fontsize=8)
+  return save_figure(fig, output, dpi=110)
+
+
+def save_figure(fig, output: str, dpi: int) -> str:
+  """Lays out, writes (creating the folder) and closes a matplotlib figure; returns ``output``."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  fig.savefig(output, dpi=110, bbox_inches="tight")
+  fig.savefig(output, dpi=dpi, bbox_inches="tight")
   plt.close(fig)
   return output
 
