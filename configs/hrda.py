@@ -3,7 +3,7 @@ r"""HRDA (DAFormer-style UDA on the multi-resolution network) on GTA→Cityscape
 Presets: see ``config_lib.experiment``; ``:mfm=True`` gives HRDA + MFM.
 """
 
-from mfm_jax import config_lib
+from mfm_jax.config import lib as config_lib
 
 
 def get_config(arg=None):

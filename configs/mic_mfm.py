@@ -6,7 +6,7 @@ attention), MIC with 64-px blocks, MFM on the context features. Presets
 variant is ``configs/mic_mfm_daformer.py``.
 """
 
-from mfm_jax import config_lib
+from mfm_jax.config import lib as config_lib
 
 
 def get_config(arg=None):

@@ -3,7 +3,7 @@ r"""MIC(DAFormer) + MFM on GTA→Cityscapes, MiT-B5 + DAFormer head, 512 crops (
 Presets (--config=configs/mic_mfm.py:synthetic,steps=200): see config_lib.experiment.
 """
 
-from mfm_jax import config_lib
+from mfm_jax.config import lib as config_lib
 
 
 def get_config(arg=None):

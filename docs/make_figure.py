@@ -19,7 +19,8 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 
-from mfm_jax import predict, visualize
+from mfm_jax import predict
+from mfm_jax.evaluation import visualize
 from mfm_jax.data import synthetic, transforms
 
 TITLES = ("source: rendered (GTA5 layout)", "target: 'real' (Cityscapes layout)",

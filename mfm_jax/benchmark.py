@@ -31,8 +31,10 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mfm_jax import config_lib, parallel, state as state_lib
-from mfm_jax.train_step import make_update_fn
+from mfm_jax.config import lib as config_lib
+from mfm_jax.trainer import parallel
+from mfm_jax.trainer import state as state_lib
+from mfm_jax.trainer.step import make_update_fn
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:preset].")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")

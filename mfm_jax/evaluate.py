@@ -23,9 +23,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from mfm_jax import checkpoint, config_lib, errors, inference, json_io, state as state_lib
+from mfm_jax.trainer import checkpoint
+from mfm_jax.config import lib as config_lib
+from mfm_jax.runtime import errors
+from mfm_jax.evaluation import inference
+from mfm_jax.runtime import json_io
+from mfm_jax.trainer import state as state_lib
 from mfm_jax.data import pipeline
-from mfm_jax.evaluation import format_report
+from mfm_jax.evaluation.metrics import format_report
 
 
 # PyTorch-layout weight files; anything else must be an Orbax checkpoint directory.

@@ -3,7 +3,7 @@
 Overrides use ml-collections syntax, e.g. ``--config.mfm.mask_ratio=0.5``; unknown keys and
 invalid values are rejected with a message naming the key, before the work directory is touched.
 User errors (config, data, checkpoint, permission, a locked workdir) print one line and exit
-non-zero (``--verbose`` adds the traceback); the exit codes are listed in ``mfm_jax/errors.py``
+non-zero (``--verbose`` adds the traceback); the exit codes are listed in ``mfm_jax/runtime/errors.py``
 and the README ("Failure behaviour"): 75 means "stopped by SIGTERM/SIGINT with a checkpoint,
 run the same command again to resume".
 """
@@ -18,7 +18,7 @@ if os.environ.get("MFM_JAX_CPU") == "1":
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mfm_jax import errors  # noqa: E402
+from mfm_jax.runtime import errors  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].",
                                           lock_config=True)
@@ -32,11 +32,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv) -> int:
   del argv
-  from mfm_jax import config_lib, parallel, train  # pylint: disable=g-import-not-at-top
+  from mfm_jax.config import lib as config_lib  # pylint: disable=g-import-not-at-top
+  from mfm_jax.trainer import parallel
+  from mfm_jax.trainer import loop
   config_lib.validate(_CONFIG.value)  # before anything is started or written
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info("Config:\n%s", _CONFIG.value)
-  result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if result.get("preempted"):
     return errors.PREEMPTED
   return errors.OK

@@ -154,7 +154,7 @@ def _save_png(array: np.ndarray, path: str) -> None:
 def write_outputs(output_dir: str, item: Item, rgb: np.ndarray, pred: np.ndarray,
                   alpha: float = 0.5) -> None:
   """The label, colour and overlay PNGs of one image (atomic, folders created)."""
-  from mfm_jax import visualize  # pylint: disable=g-import-not-at-top
+  from mfm_jax.evaluation import visualize  # pylint: disable=g-import-not-at-top
   paths = output_paths(output_dir, item)
   os.makedirs(os.path.dirname(paths["color"]), exist_ok=True)
   color = visualize.colorize(pred)
@@ -196,8 +196,10 @@ def _prefetch(items: list[Item], scale, workers: int):
 def load_model(config, checkpoint_path: str, which: str = "student", mode: str = ""):
   """``(config, host, variables, predict_fn, load report)`` for ``checkpoint_path``."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mfm_jax import config_lib, evaluate, inference  # pylint: disable=g-import-not-at-top
-  from mfm_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  from mfm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from mfm_jax.config import lib as config_lib
+  from mfm_jax.evaluation import inference
+  from mfm_jax.trainer import state as state_lib  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   if mode:
     config.eval.mode = mode
@@ -232,7 +234,7 @@ def predict(config, checkpoint_path: str, input_spec: str, output_dir: str, *,
             num_workers: int = 2, alpha: float = 0.5, stream=None) -> dict[str, Any]:
   """Segments every image of ``input_spec`` into ``output_dir``; returns the summary dict."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mfm_jax import progress as progress_lib  # pylint: disable=g-import-not-at-top
+  from mfm_jax.runtime import progress as progress_lib  # pylint: disable=g-import-not-at-top
   if batch_size < 1:
     raise PredictError(f"--batch_size={batch_size} must be >= 1.")
   output_dir = os.path.abspath(os.path.expanduser(output_dir))

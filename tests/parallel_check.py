@@ -16,8 +16,10 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mfm_jax import config_lib, parallel, state as state_lib  # noqa: E402
-from mfm_jax.train_step import make_update_fn  # noqa: E402
+from mfm_jax.config import lib as config_lib  # noqa: E402
+from mfm_jax.trainer import parallel
+from mfm_jax.trainer import state as state_lib
+from mfm_jax.trainer.step import make_update_fn  # noqa: E402
 
 
 def tiny_config(global_batch: int):

@@ -1,4 +1,4 @@
-"""Tests for mfm_jax.checkpoint: save/restore across meshes, keep-N, interval, atomicity, errors."""
+"""Tests for mfm_jax.trainer.checkpoint: save/restore across meshes, keep-N, interval, atomicity, errors."""
 
 import os
 import shutil
@@ -15,7 +15,7 @@ import pytest
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from mfm_jax import checkpoint
+from mfm_jax.trainer import checkpoint
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -205,7 +205,7 @@ _WORKER = textwrap.dedent("""
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from mfm_jax import checkpoint
+    from mfm_jax.trainer import checkpoint
     mesh = Mesh(np.array(jax.devices()), ("data",))
     repl, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     host = {"params": {"model": {"w": np.arange(8, dtype=np.float32).reshape(4, 2)}},
@@ -313,7 +313,7 @@ _READ_ONLY = textwrap.dedent("""
     import os, subprocess, sys, time
     sys.path.insert(0, sys.argv[2])
     import jax.numpy as jnp
-    from mfm_jax import checkpoint
+    from mfm_jax.trainer import checkpoint
     root = sys.argv[1]
     ckpt = checkpoint.Checkpointer(root, keep=1, save_interval_steps=1)
     ckpt.save(1, {"w": jnp.arange(4.0)})

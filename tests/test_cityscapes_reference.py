@@ -8,7 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from mfm_jax import evaluation
+from mfm_jax.evaluation import metrics
 from mfm_jax.data import labels
 
 cs_labels = pytest.importorskip("cityscapesscripts.helpers.labels")
@@ -57,10 +57,10 @@ def test_miou_equals_cityscapes_pixel_level_evaluation(tmp_path, monkeypatch):
     PIL.Image.fromarray(gt_ids).save(gt_path)
     PIL.Image.fromarray(pred_ids).save(pred_path)
     cs_eval.evaluatePair(str(pred_path), str(gt_path), conf_cs, None, {}, args)
-    conf += np.asarray(evaluation.confusion_matrix(pred, gt_train, 19), np.int64)
+    conf += np.asarray(metrics.confusion_matrix(pred, gt_train, 19), np.int64)
   theirs = {cs_labels.id2label[l].name: cs_eval.getIouScoreForLabel(l, conf_cs, args)
             for l in args.evalLabels if not cs_labels.id2label[l].ignoreInEval}
-  report = evaluation.miou_report(conf)
+  report = metrics.miou_report(conf)
   assert set(theirs) == set(report["per_class"])
   for name, iou in report["per_class"].items():
     if math.isnan(theirs[name]):

@@ -10,7 +10,10 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from mfm_jax import checkpoint, config_lib, errors, json_io
+from mfm_jax.trainer import checkpoint
+from mfm_jax.config import lib as config_lib
+from mfm_jax.runtime import errors
+from mfm_jax.runtime import json_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

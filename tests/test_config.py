@@ -9,8 +9,8 @@ import jax
 import pytest
 from ml_collections import config_flags  # noqa: F401  (imported for its side effects in main)
 
-from mfm_jax import config_lib
-from mfm_jax import state as state_lib
+from mfm_jax.config import lib as config_lib
+from mfm_jax.trainer import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL_SIZE = ("mic_mfm.py", "dacs_mfm_dlv2.py", "source_only.py")

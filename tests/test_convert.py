@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from mfm_jax import checkpoint
+from mfm_jax.trainer import checkpoint
 from mfm_jax.convert import cli
 from mfm_jax.convert import mapping
 from mfm_jax.convert import torch_io
@@ -112,9 +112,9 @@ def test_hrda_key_set_round_trip():
 
 
 def test_hrda_module_tree_matches_converter():
-  """mfm_jax.hrda's segmentor init tree equals the converter's HRDA tree (reference names)."""
-  hrda = pytest.importorskip("mfm_jax.hrda", reason="HRDA module (mfm_jax/hrda.py) not written yet")
-  from mfm_jax import config_lib  # pylint: disable=g-import-not-at-top
+  """mfm_jax.models.hrda's segmentor init tree equals the converter's HRDA tree (reference names)."""
+  hrda = pytest.importorskip("mfm_jax.models.hrda", reason="HRDA module (mfm_jax/models/hrda.py) not written yet")
+  from mfm_jax.config import lib as config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.base_config()
   config.model.backbone, config.model.head = "mit_b5", "daformer_sepaspp"
   config.model.hrda.enabled = True

@@ -171,7 +171,7 @@ def test_rescale_rule_and_prescaled_config(tmp_path):
 
 
 def test_folder_dataset_with_label_map_and_resolve(tmp_path):
-  from mfm_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from mfm_jax.config import lib as config_lib  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(3)
   root = tmp_path / "mine"
   raw = {}

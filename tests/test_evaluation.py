@@ -1,4 +1,4 @@
-"""Tests for mfm_jax.evaluation: confusion/IoU, SYNTHIA protocols, whole/slide inference, Evaluator."""
+"""Tests for mfm_jax.evaluation.metrics: confusion/IoU, SYNTHIA protocols, whole/slide inference, Evaluator."""
 
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mfm_jax import evaluation as ev
+from mfm_jax.evaluation import metrics as ev
 from mfm_jax.data import labels
 from mfm_jax.ops import resize_bilinear
 

@@ -13,8 +13,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mfm_jax import config_lib, hrda, ops
-from mfm_jax import state as state_lib
+from mfm_jax import ops
+from mfm_jax.config import lib as config_lib
+from mfm_jax.models import hrda
+from mfm_jax.trainer import state as state_lib
 from mfm_jax.models import hrda_head
 from mfm_jax.models import segmentor
 from mfm_jax.uda import losses
@@ -276,7 +278,7 @@ def test_predict_slide_shapes_and_teacher_mode(tiny):
 
 def test_batched_evaluation_predicts_each_image_as_alone(tiny):
   """eval_batch_size: HRDA slide inference of a batch equals image-by-image inference."""
-  from mfm_jax import inference  # pylint: disable=g-import-not-at-top
+  from mfm_jax.evaluation import inference  # pylint: disable=g-import-not-at-top
   host, variables = tiny
   config = _config()
   config.eval.mode, config.eval.crop_size, config.eval.stride = "slide", (48, 48), (32, 32)

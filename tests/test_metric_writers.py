@@ -1,4 +1,4 @@
-"""Tests for mfm_jax.metric_writers: JSONL, and event files read back by TensorBoard's reader.
+"""Tests for mfm_jax.runtime.metric_writers: JSONL, and event files read back by TensorBoard's reader.
 
 The event files are written by tensorboardX and read with TensorBoard's own loaders
 (``event_file_loader`` for raw events, ``EventAccumulator`` as the TensorBoard UI does), both
@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.util import tensor_util
 
-from mfm_jax import metric_writers as mw
+from mfm_jax.runtime import metric_writers as mw
 
 
 def _events(path):

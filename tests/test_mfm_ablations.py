@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mfm_jax import benchmark, config_lib, state as state_lib
-from mfm_jax.train_step import make_update_fn
+from mfm_jax import benchmark
+from mfm_jax.config import lib as config_lib
+from mfm_jax.trainer import state as state_lib
+from mfm_jax.trainer.step import make_update_fn
 
 
 def _config(method="mic", mfm=True, **overrides):

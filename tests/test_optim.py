@@ -7,7 +7,7 @@ import optax
 import pytest
 import torch
 
-from mfm_jax import optim
+from mfm_jax.trainer import optim
 
 REFERENCE_KEYS = {"head": (10, 1), "pos_block": (1, 0), "norm": (1, 0)}
 

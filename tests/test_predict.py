@@ -14,8 +14,11 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from mfm_jax import config_lib, evaluate, inference, predict, train
-from mfm_jax import state as state_lib
+from mfm_jax import evaluate, predict
+from mfm_jax.config import lib as config_lib
+from mfm_jax.evaluation import inference
+from mfm_jax.trainer import loop
+from mfm_jax.trainer import state as state_lib
 from mfm_jax.convert import cli
 from mfm_jax.data import labels
 
@@ -40,7 +43,7 @@ def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp("predict")
   config = _config(str(root / "data"))
   workdir = str(root / "run")
-  assert train.train_and_evaluate(config, workdir, stop_at=1) == {"stopped_at": 1}
+  assert loop.train_and_evaluate(config, workdir, stop_at=1) == {"stopped_at": 1}
   ckpt = os.path.join(workdir, "checkpoints")
   pth, st = str(root / "model.pth"), str(root / "model.safetensors")
   cli.export_to_torch(ckpt, pth, arch="daformer")

@@ -1,10 +1,10 @@
-"""Tests for mfm_jax.progress: rate/ETA figures, non-terminal and terminal output."""
+"""Tests for mfm_jax.runtime.progress: rate/ETA figures, non-terminal and terminal output."""
 
 import io
 
 import pytest
 
-from mfm_jax import progress
+from mfm_jax.runtime import progress
 
 
 class _Clock:

@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mfm_jax import checkpoint, config_lib, state as state_lib
+from mfm_jax.trainer import checkpoint
+from mfm_jax.config import lib as config_lib
+from mfm_jax.trainer import state as state_lib
 from mfm_jax.convert import mapping, rebuilder_mapping
 from mfm_jax.models import rebuilder, segmentor
 from mfm_jax.uda import mfm

@@ -11,14 +11,15 @@ import sys
 
 import pytest
 
-from mfm_jax import errors, run_lock
+from mfm_jax.runtime import errors
+from mfm_jax.runtime import run_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _HOLDER = """
 import sys, time
 sys.path.insert(0, sys.argv[2])
-from mfm_jax import run_lock
+from mfm_jax.runtime import run_lock
 run_lock.acquire(sys.argv[1])
 print("locked", flush=True)
 time.sleep(120)
@@ -61,11 +62,12 @@ def test_second_run_is_refused_naming_the_owner_then_stale_lock_is_taken_over(ho
 
 
 def test_training_refuses_a_locked_workdir_before_writing(holder):
-  from mfm_jax import config_lib, train  # pylint: disable=g-import-not-at-top
+  from mfm_jax.config import lib as config_lib  # pylint: disable=g-import-not-at-top
+  from mfm_jax.trainer import loop
   work, proc = holder
   config = config_lib.experiment("source_only", False, "synthetic")
   with pytest.raises(run_lock.WorkdirLockedError, match=f"pid {proc.pid}"):
-    train.train_and_evaluate(config, work)
+    loop.train_and_evaluate(config, work)
   assert sorted(os.listdir(work)) == [run_lock.LOCK_NAME]  # no config.json, metrics, data
 
 

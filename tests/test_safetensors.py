@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors import numpy as st_numpy
 
-from mfm_jax import checkpoint
+from mfm_jax.trainer import checkpoint
 from mfm_jax.convert import cli
 from mfm_jax.convert import mapping
 from mfm_jax.convert import safetensors_io

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from mfm_jax import stopping
+from mfm_jax.runtime import stopping
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +63,8 @@ _WORKER = textwrap.dedent("""
     sys.path.insert(0, repo)
     import jax
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
-    from mfm_jax import run_lock, stopping
+    from mfm_jax.runtime import run_lock
+    from mfm_jax.runtime import stopping
     with run_lock.hold(workdir), stopping.StopRequest() as stop:
       if pid == 0:
         with open(os.path.join(workdir, run_lock.LOCK_NAME)) as f:

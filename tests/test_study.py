@@ -10,7 +10,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from mfm_jax import config_lib
+from mfm_jax.config import lib as config_lib
 from mfm_jax.study import cli, grids, plots, results, runner
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -323,14 +323,15 @@ def test_pc1_and_masked_cosine():
 
 def test_latent_figure_on_a_one_step_mfm_run(tmp_path):
   """A one-step DACS+MFM run: the figure is written, visible cells are the encoder's own."""
-  from mfm_jax import config_lib, train  # pylint: disable=g-import-not-at-top
+  from mfm_jax.config import lib as config_lib  # pylint: disable=g-import-not-at-top
+  from mfm_jax.trainer import loop
   from mfm_jax.study import latent  # pylint: disable=g-import-not-at-top
   c = config_lib.experiment("dacs", True, "synthetic")
   c.data.synthetic.num_source, c.data.synthetic.num_target, c.data.synthetic.num_val = 8, 4, 2
   c.data.data_dir = str(tmp_path / "data")
   c.mesh.data = 1
   workdir = str(tmp_path / "run")
-  assert train.train_and_evaluate(c, workdir, stop_at=1) == {"stopped_at": 1}
+  assert loop.train_and_evaluate(c, workdir, stop_at=1) == {"stopped_at": 1}
   out = latent.rebuild_one(workdir, seed=3)
   assert out["levels"] == [0, 1, 2, 3] and out["keep"].shape == (2, 2)
   for orig, reb in zip(out["original"], out["rebuilt"]):

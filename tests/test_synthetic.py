@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from mfm_jax import config_lib
+from mfm_jax.config import lib as config_lib
 from mfm_jax.data import builders
 from mfm_jax.data import labels
 from mfm_jax.data import synthetic

@@ -7,7 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from mfm_jax import checkpoint, config_lib, train
+from mfm_jax.trainer import checkpoint
+from mfm_jax.config import lib as config_lib
+from mfm_jax.trainer import loop
 
 
 def small_config(**overrides):
@@ -53,7 +55,7 @@ def _strict_json(text):
 def test_train_resume_equals_uninterrupted(tmp_path, data_dir, capsys, caplog):
   full = str(tmp_path / "full")
   with caplog.at_level("INFO"):
-    report = train.train_and_evaluate(small_config(**{"data.data_dir": data_dir}), full)
+    report = loop.train_and_evaluate(small_config(**{"data.data_dir": data_dir}), full)
   assert 0.0 <= report["mIoU"] <= 100.0
   # The IoU table is printed once (stdout), not also logged.
   assert capsys.readouterr().out.count("mIoU19") == 1
@@ -85,9 +87,9 @@ def test_train_resume_equals_uninterrupted(tmp_path, data_dir, capsys, caplog):
 
   # Stop at step 2 (as if killed), then resume to 4 in the same workdir.
   part = str(tmp_path / "part")
-  out = train.train_and_evaluate(small_config(**{"data.data_dir": data_dir}), part, stop_at=2)
+  out = loop.train_and_evaluate(small_config(**{"data.data_dir": data_dir}), part, stop_at=2)
   assert out == {"stopped_at": 2}
-  train.train_and_evaluate(small_config(**{"data.data_dir": data_dir}), part)
+  loop.train_and_evaluate(small_config(**{"data.data_dir": data_dir}), part)
   a, b = _params(full, 4), _params(part, 4)
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
@@ -97,7 +99,7 @@ def test_train_resume_equals_uninterrupted(tmp_path, data_dir, capsys, caplog):
   _damage(tmp_path / "part" / "checkpoints" / "4")
   caplog.clear()
   with caplog.at_level("WARNING"):
-    train.train_and_evaluate(small_config(**{"data.data_dir": data_dir}), part)
+    loop.train_and_evaluate(small_config(**{"data.data_dir": data_dir}), part)
   assert "Checkpoint step 4" in caplog.text and "damaged" in caplog.text
   names = os.listdir(os.path.join(part, "checkpoints"))
   assert sorted(n for n in names if "damaged" not in n) == ["2", "4"]
@@ -148,10 +150,10 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, data_dir, monkeypa
   work = str(tmp_path / "nan")
   # log_every=100: no metric is read at step 3 or 4; the flag carried in the state is read
   # before the save at step 4, which is refused.
-  with pytest.raises(train.NonFiniteLossError,
+  with pytest.raises(loop.NonFiniteLossError,
                      match=r"between steps 3 and 4.*last good checkpoint \(step 2\) is kept"
                      ) as err:
-    train.train_and_evaluate(small_config(**{"data.data_dir": data_dir, "log_every": 100}),
+    loop.train_and_evaluate(small_config(**{"data.data_dir": data_dir, "log_every": 100}),
                              work)
   assert err.value.exit_code == 3
   ckpt = checkpoint.Checkpointer(os.path.join(work, "checkpoints"))
@@ -189,7 +191,7 @@ def test_signal_stops_within_one_step_with_a_checkpoint(tmp_path, data_dir, monk
   work = str(tmp_path / "term")
   # Neither a log step nor a checkpoint step comes near: the stop must not wait for one.
   cfg = small_config(**{"data.data_dir": data_dir, "log_every": 50, "checkpoint_every": 100})
-  out = train.train_and_evaluate(cfg, work)
+  out = loop.train_and_evaluate(cfg, work)
   assert out == {"stopped_at": 3, "preempted": sig, "saved": True}
   assert checkpoint.Checkpointer(os.path.join(work, "checkpoints")).all_steps() == [3]
   assert not os.path.exists(os.path.join(work, "run.lock"))
@@ -212,7 +214,7 @@ def test_signal_during_compilation_exits_without_saving(tmp_path, data_dir, monk
   monkeypatch.setattr(train, "make_update_fn", make_signalling)
   work = str(tmp_path / "compile")
   t0 = time.time()
-  out = train.train_and_evaluate(small_config(**{"data.data_dir": data_dir}), work)
+  out = loop.train_and_evaluate(small_config(**{"data.data_dir": data_dir}), work)
   assert out == {"stopped_at": 0, "preempted": "SIGTERM", "saved": False}
   assert time.time() - t0 < 120
   assert checkpoint.Checkpointer(os.path.join(work, "checkpoints")).all_steps() == []
@@ -235,7 +237,7 @@ def test_failed_save_stops_the_run_at_once(tmp_path, data_dir, monkeypatch):
   with pytest.raises(checkpoint.CheckpointSaveError,
                      match=r"checkpoints/4 failed: OSError: .*No space left on device.*"
                            r"last good checkpoint \(step 2\) is kept") as err:
-    train.train_and_evaluate(small_config(**{"data.data_dir": data_dir}), work)
+    loop.train_and_evaluate(small_config(**{"data.data_dir": data_dir}), work)
   assert err.value.exit_code == 4
   assert not os.path.exists(os.path.join(work, "eval_results.json"))
   params = _params(work, 2)
@@ -252,7 +254,7 @@ def test_hrda_mic_mfm_synthetic_trains(tmp_path, data_dir):
   c.data.synthetic.num_val = 4
   c.mesh.data = 1
   c.num_steps, c.log_every, c.checkpoint_every = 2, 1, 2
-  report = train.train_and_evaluate(c, str(tmp_path / "hrda"))
+  report = loop.train_and_evaluate(c, str(tmp_path / "hrda"))
   assert 0.0 <= report["mIoU"] <= 100.0
   lines = [json.loads(l) for l in open(tmp_path / "hrda" / "metrics.jsonl")]
   assert all(np.isfinite(l["loss/total"]) for l in lines if "loss/total" in l)
@@ -271,5 +273,5 @@ def test_trains_on_prepared_gta5_and_cityscapes_folders(tmp_path, data_dir):
   builders.prepare("cityscapes", os.path.join(raw, "cityscapes"), real)
   c = small_config(**{"data.data_dir": real, "data.source": "gta5",
                       "data.target": "cityscapes", "num_steps": 4})
-  report = train.train_and_evaluate(c, str(tmp_path / "real"))
+  report = loop.train_and_evaluate(c, str(tmp_path / "real"))
   assert 0.0 <= report["mIoU"] <= 100.0

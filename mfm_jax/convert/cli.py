@@ -2,7 +2,7 @@
 
 The Orbax checkpoint holds ``{'params': {'model': <segmentor params>}, 'batch_stats': <BN
 statistics>}``, the same sub-trees as a training state, so ``config.init_from`` reads it through
-``mfm_jax.checkpoint.load_params(path, ('params', 'model'))`` (``config.init_scope='backbone'``
+``mfm_jax.trainer.checkpoint.load_params(path, ('params', 'model'))`` (``config.init_scope='backbone'``
 for ImageNet encoders, which are stored as ``{'model': {'backbone': ...}}``).
 Both directions write atomically: Orbax finalises its directory by a rename, and ``.pth`` /
 ``.safetensors`` files go through a temporary name, so a failed run leaves no partial output.
@@ -84,7 +84,7 @@ def export_to_torch(input_dir: str, output_path: str, arch: str = "auto",
   ``which='teacher'`` exports a training checkpoint's EMA weights. A backbone ``arch``
   ('mit_b5', 'resnet', ...) exports only the encoder, with SegFormer/mmcv-native names.
   """
-  from mfm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mfm_jax.trainer import checkpoint  # pylint: disable=g-import-not-at-top
   _check_output(output_path, overwrite)
   if arch in rebuilder_mapping.ARCHS:
     params = checkpoint.load_params(input_dir, subtree=("params", "rebuilder"))

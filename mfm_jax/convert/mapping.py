@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mfm_jax import errors
+from mfm_jax.runtime import errors
 from mfm_jax.models import daformer_head
 from mfm_jax.models import mit
 

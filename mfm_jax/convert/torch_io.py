@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mfm_jax import errors
+from mfm_jax.runtime import errors
 
 # UDA wrapper prefixes (uda_reference.md §1.5): DACS holds the student, the EMA teacher and the
 # frozen ImageNet model (feature distance) side by side.

@@ -28,7 +28,7 @@ import grain
 import numpy as np
 import PIL.Image
 
-from mfm_jax import config_lib
+from mfm_jax.config import lib as config_lib
 from mfm_jax.data import builders
 from mfm_jax.data import pipeline
 

@@ -50,8 +50,8 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
-from mfm_jax import errors
-from mfm_jax import progress as progress_lib
+from mfm_jax.runtime import errors
+from mfm_jax.runtime import progress as progress_lib
 from mfm_jax.data import labels
 
 DATASETS = ("gta5", "synthia", "cityscapes", "folder")

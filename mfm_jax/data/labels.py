@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mfm_jax import errors
+from mfm_jax.runtime import errors
 
 IGNORE_LABEL = 255
 NUM_CLASSES = 19

@@ -28,7 +28,7 @@ import time
 from absl import app
 from absl import flags
 
-from mfm_jax import errors
+from mfm_jax.runtime import errors
 
 _DATASET = flags.DEFINE_enum("dataset", None,
                              ["gta5", "synthia", "cityscapes", "folder", "synthetic"],
@@ -79,7 +79,7 @@ def main(argv):
   data_dir = os.path.abspath(os.path.expanduser(_DATA_DIR.value))
   start = time.time()
   if _DATASET.value == "synthetic":
-    from mfm_jax import config_lib  # pylint: disable=g-import-not-at-top
+    from mfm_jax.config import lib as config_lib  # pylint: disable=g-import-not-at-top
     from mfm_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     cfg = config_lib.base_config().data
     cfg.data_dir, cfg.raw_dir = data_dir, _RAW_DIR.value

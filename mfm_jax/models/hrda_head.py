@@ -13,7 +13,7 @@ the detail logits pasted into a zero map at their location (§1.4 "fusion").
 
 Param tree ``{'backbone', 'decode_head': {'head', 'scale_attention'}}`` mirrors the PyTorch
 names ``decode_head.head.*`` / ``decode_head.scale_attention.*`` (HRDAHead itself has no
-conv_seg/dropout). The crop-box bookkeeping and the losses live in ``mfm_jax/hrda.py``; this
+conv_seg/dropout). The crop-box bookkeeping and the losses live in ``mfm_jax/models/hrda.py``; this
 file holds the modules and the pure fusion math.
 """
 

@@ -2,7 +2,7 @@
 
 ``EncoderDecoder`` is the deployable network (param tree ``{'backbone', 'decode_head'}``,
 docs/architecture.md "Model contract"). The MFM ``Rebuilder`` is built separately (by
-``mfm_jax.mfm_task``) so that the deployed segmentor is exactly the host model.
+``mfm_jax.uda.mfm_task``) so that the deployed segmentor is exactly the host model.
 """
 
 from __future__ import annotations

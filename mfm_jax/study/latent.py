@@ -42,7 +42,9 @@ def rebuild_one(rdir: str, image_index: int = 0, seed: int = 0) -> dict[str, Any
   """(image crop, keep mask, original and rebuilt features per level) of one val image."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mfm_jax import checkpoint, evaluate, state as state_lib  # pylint: disable=g-import-not-at-top
+  from mfm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from mfm_jax.trainer import checkpoint
+  from mfm_jax.trainer import state as state_lib
   from mfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from mfm_jax.study import visual  # pylint: disable=g-import-not-at-top
   config = visual.load_run_config(rdir)

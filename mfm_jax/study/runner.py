@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 import ml_collections
 
 import mfm_jax
-from mfm_jax import config_lib
+from mfm_jax.config import lib as config_lib
 from mfm_jax.study import grids
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(mfm_jax.__file__)))

@@ -55,7 +55,9 @@ def predict_images(rdirs: Sequence[str], num_images: int = 4
 
   The runs must share the evaluation data (``config.data``'s target, val split, test scale).
   """
-  from mfm_jax import evaluate, inference, state as state_lib  # pylint: disable=g-import-not-at-top
+  from mfm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from mfm_jax.evaluation import inference
+  from mfm_jax.trainer import state as state_lib
   from mfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   images, gts, preds = [], [], []

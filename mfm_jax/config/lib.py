@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from mfm_jax import errors
+from mfm_jax.runtime import errors
 from mfm_jax.data import labels
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +341,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key, (lr_mult, decay_mult) in dict(c.optim.custom_keys).items():
     if lr_mult < 0 or decay_mult < 0:
       raise ConfigError(f"config.optim.custom_keys[{key!r}] multipliers must be >= 0.")
-  from mfm_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from mfm_jax.config import checks as config_checks  # pylint: disable=g-import-not-at-top
   try:
     config_checks.check(c)  # names, crop divisibility, HRDA rules, block sizes
   except ValueError as e:
@@ -380,7 +380,7 @@ def validate_mfm(c: ml_collections.ConfigDict) -> None:
   from mfm_jax.uda import mfm as mfm_lib  # pylint: disable=g-import-not-at-top
   size = tuple(c.data.crop_size)
   if c.model.hrda.enabled:
-    from mfm_jax import hrda  # pylint: disable=g-import-not-at-top
+    from mfm_jax.models import hrda  # pylint: disable=g-import-not-at-top
     size = hrda.mfm_image_size(c)
   levels = segmentor.level_sizes(c.model, size)
   grid = mfm_lib.token_grid(levels[-1], int(m.grid_size))

@@ -2,7 +2,7 @@
 
 The train step never calls Flax modules directly; it calls a ``SegmentationHost``. This keeps
 the step identical for the plain encoder-decoder (DAFormer, DeepLab) and for HRDA, whose
-multi-resolution forward and fused loss live in ``mfm_jax.hrda`` behind the same methods.
+multi-resolution forward and fused loss live in ``mfm_jax.models.hrda`` behind the same methods.
 
 Variables are Flax variable dicts ``{'params': ..., 'batch_stats': ...}``; every method returns
 the updated ``batch_stats`` (BatchNorm in train mode updates running statistics on every

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mfm_jax import ops
-from mfm_jax.host import SegmentationHost
+from mfm_jax.models.network import SegmentationHost
 from mfm_jax.models.rebuilder import Rebuilder
 from mfm_jax.uda import mfm
 

@@ -38,8 +38,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mfm_jax import evaluation, ops
-from mfm_jax.host import SegmentationHost
+from mfm_jax import ops
+from mfm_jax.evaluation import metrics
+from mfm_jax.models.network import SegmentationHost
 from mfm_jax.models import daformer_head
 from mfm_jax.models import segmentor as segmentor_lib
 from mfm_jax.models.hrda_head import HRDAHead, HRDASegmentor, fuse, lr_size
@@ -95,12 +96,12 @@ def detail_boxes(y1, x1, crop_size: Sequence[int], output_stride: int, lr_scale:
 def slide_boxes(height: int, width: int, crop: Sequence[int], stride: Sequence[int],
                 output_stride: int) -> tuple[list[Window], list[Window]]:
   """HR sliding windows in pixels (mmseg slide grid, clamped) and in logit coordinates."""
-  windows = evaluation.slide_windows(height, width, tuple(crop), tuple(stride))
+  windows = metrics.slide_windows(height, width, tuple(crop), tuple(stride))
   out = []
   for win in windows:
     if any(v % output_stride for v in win):
       raise ValueError(
-          f"mfm_jax/hrda.py: HR slide window {win} of a {height}x{width} image is not aligned "
+          f"mfm_jax/models/hrda.py: HR slide window {win} of a {height}x{width} image is not aligned "
           f"to the head's output stride {output_stride}; use image sizes and "
           f"model.hrda.hr_slide_stride / hr_crop_size that are multiples of {output_stride}.")
     out.append(tuple(v // output_stride for v in win))
@@ -121,13 +122,13 @@ def merge_windows(window_logits: jax.Array, boxes: Sequence[Window], batch: int,
   k = window_logits.shape[-1]
   count = window_count_map(boxes, size)
   if count.min() < 1:
-    raise ValueError(f"mfm_jax/hrda.py: HR slide windows {list(boxes)} leave cells of the "
+    raise ValueError(f"mfm_jax/models/hrda.py: HR slide windows {list(boxes)} leave cells of the "
                      f"{tuple(size)} logit map uncovered (hr_slide_stride > hr_crop_size?).")
   preds = jnp.zeros((batch, size[0], size[1], k), jnp.float32)
   for i, (y1, y2, x1, x2) in enumerate(boxes):
     win = window_logits[i * batch:(i + 1) * batch].astype(jnp.float32)
     if win.shape[1:3] != (y2 - y1, x2 - x1):
-      raise ValueError(f"mfm_jax/hrda.py: window logits {win.shape[1:3]} do not fill the box "
+      raise ValueError(f"mfm_jax/models/hrda.py: window logits {win.shape[1:3]} do not fill the box "
                        f"{(y1, y2, x1, x2)} (encoder/head output stride is not "
                        f"{HEAD_OUTPUT_STRIDE}?).")
     preds = preds.at[:, y1:y2, x1:x2].add(win)
@@ -173,7 +174,7 @@ class HRDAHost(SegmentationHost):
     h, w = images.shape[1:3]
     hc, wc = self.hr_crop_size
     if hc > h or wc > w:
-      raise ValueError(f"mfm_jax/hrda.py: model.hrda.hr_crop_size {self.hr_crop_size} is larger "
+      raise ValueError(f"mfm_jax/models/hrda.py: model.hrda.hr_crop_size {self.hr_crop_size} is larger "
                        f"than the input {h}x{w} (config.data.crop_size).")
     return h, w
 
@@ -239,7 +240,7 @@ class HRDAHost(SegmentationHost):
   def forward_loss(self, variables: Variables, images, labels, weights=None, *, rng=None):
     """HRDA train forward + 0.9·fused CE + 0.1·detail CE → (loss, context features, bs)."""
     if rng is None:
-      raise ValueError("mfm_jax/hrda.py: HRDAHost.forward_loss needs `rng` (detail-crop "
+      raise ValueError("mfm_jax/models/hrda.py: HRDAHost.forward_loss needs `rng` (detail-crop "
                        "offset and dropout).")
     k_crop, k_fwd = jax.random.split(rng)
     h, w = self._check_image(images)

@@ -43,10 +43,10 @@ def lr_schedule(base_lr: float, total_steps: int, warmup_steps: int = 1500,
   is mmcv's ``runner.iter`` at ``before_train_iter``. t is clipped to [0, T].
   """
   if total_steps <= 0:
-    raise ValueError(f"mfm_jax/optim.py: total_steps must be > 0, got {total_steps}.")
+    raise ValueError(f"mfm_jax/trainer/optim.py: total_steps must be > 0, got {total_steps}.")
   if warmup_steps < 0 or not 0.0 <= warmup_ratio <= 1.0:
     raise ValueError(
-        f"mfm_jax/optim.py: invalid warmup (warmup_steps={warmup_steps}, "
+        f"mfm_jax/trainer/optim.py: invalid warmup (warmup_steps={warmup_steps}, "
         f"warmup_ratio={warmup_ratio}).")
 
   def schedule(count):
@@ -88,7 +88,7 @@ def param_group_labels(params, custom_keys: Mapping[str, Any]):
   matching no key get ``DEFAULT_GROUP``.
   """
   if DEFAULT_GROUP in custom_keys:
-    raise ValueError(f"mfm_jax/optim.py: custom key {DEFAULT_GROUP!r} is reserved.")
+    raise ValueError(f"mfm_jax/trainer/optim.py: custom key {DEFAULT_GROUP!r} is reserved.")
   keys = _sorted_keys(custom_keys)
 
   def label(path, _):
@@ -105,11 +105,11 @@ def _read_cfg(optim_cfg) -> dict[str, Any]:
   if optim_cfg is None:
     return dict(OPTIM_DEFAULTS)
   if not hasattr(optim_cfg, "keys"):
-    raise TypeError(f"mfm_jax/optim.py: optim config must be a mapping, got {type(optim_cfg)}.")
+    raise TypeError(f"mfm_jax/trainer/optim.py: optim config must be a mapping, got {type(optim_cfg)}.")
   unknown = sorted(set(optim_cfg.keys()) - set(OPTIM_DEFAULTS))
   if unknown:
     raise ValueError(
-        f"mfm_jax/optim.py: unknown optim config key(s) {unknown}; allowed: "
+        f"mfm_jax/trainer/optim.py: unknown optim config key(s) {unknown}; allowed: "
         f"{sorted(OPTIM_DEFAULTS)}.")
   cfg = dict(OPTIM_DEFAULTS)
   cfg.update({k: optim_cfg[k] for k in optim_cfg.keys()})
@@ -119,7 +119,7 @@ def _read_cfg(optim_cfg) -> dict[str, Any]:
       lr_mult, decay_mult = (float(v) for v in value)
     except (TypeError, ValueError) as e:
       raise ValueError(
-          f"mfm_jax/optim.py: optim.custom_keys[{key!r}] must be [lr_mult, decay_mult], got "
+          f"mfm_jax/trainer/optim.py: optim.custom_keys[{key!r}] must be [lr_mult, decay_mult], got "
           f"{value!r}.") from e
     custom[str(key)] = (lr_mult, decay_mult)
   cfg["custom_keys"] = custom
@@ -143,7 +143,7 @@ def make_optimizer(optim_cfg, params, total_steps: int) -> optax.GradientTransfo
   custom = cfg["custom_keys"]
   labels = param_group_labels(params, custom)
   if not jax.tree_util.tree_leaves(labels):
-    raise ValueError("mfm_jax/optim.py: make_optimizer got an empty parameter tree.")
+    raise ValueError("mfm_jax/trainer/optim.py: make_optimizer got an empty parameter tree.")
   mults = dict(custom)
   mults[DEFAULT_GROUP] = (1.0, 1.0)
   transforms = {}

@@ -17,8 +17,9 @@ import numpy as np
 
 from absl import logging
 
-from mfm_jax import evaluation, ops
-from mfm_jax import progress as progress_lib
+from mfm_jax import ops
+from mfm_jax.evaluation import metrics
+from mfm_jax.runtime import progress as progress_lib
 from mfm_jax.data import labels as labels_lib
 
 
@@ -43,7 +44,7 @@ def make_predict_fn(config: ml_collections.ConfigDict, host, *,
     if ph or pw:
       image = jnp.pad(image, ((0, 0), (0, ph), (0, pw), (0, 0)))
     if mode == "slide":
-      logits = evaluation.slide_inference(
+      logits = metrics.slide_inference(
           lambda x: logits_fn(variables, x), image, tuple(config.eval.crop_size),
           tuple(config.eval.stride), k)
     else:
@@ -77,7 +78,7 @@ def evaluate(config: ml_collections.ConfigDict, host, variables: dict[str, Any],
     label = np.asarray(batch["label"])
     pred = np.asarray(predict_fn(variables, jnp.asarray(batch["image"]),
                                  tuple(label.shape[1:3])))
-    conf += np.asarray(evaluation.confusion_matrix(pred, label, config.model.num_classes),
+    conf += np.asarray(metrics.confusion_matrix(pred, label, config.model.num_classes),
                        np.int64)
     count += label.shape[0]
     if on_batch is not None:
@@ -93,6 +94,6 @@ def evaluate(config: ml_collections.ConfigDict, host, variables: dict[str, Any],
   if count == 0:
     raise ValueError(f"The evaluation split {config.data.eval_split!r} of "
                      f"{config.data.target!r} yielded no images.")
-  report = evaluation.miou_report(conf, labels_lib.CLASSES[:config.model.num_classes])
+  report = metrics.miou_report(conf, labels_lib.CLASSES[:config.model.num_classes])
   report["num_images"] = count
   return report

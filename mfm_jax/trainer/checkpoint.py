@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from mfm_jax import errors
+from mfm_jax.runtime import errors
 
 STATE_ITEM = "state"
 EXTRA_ITEM = "extra"
@@ -308,6 +308,13 @@ class Checkpointer:
 
   def close(self) -> None:
     """Waits for pending saves and releases the manager's resources."""
+    # The manager's constructor starts a background clean-up of leftover temporary directories
+    # that only `save` awaits; a run stopped before its first save (SIGTERM) would leave that
+    # thread to die at interpreter shutdown with a traceback. orbax-checkpoint has no public
+    # hook for it, hence the guarded private call.
+    await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+    if await_cleanup is not None:
+      await_cleanup()
     self._manager.wait_until_finished()
     self._manager.close()
 

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 
 from absl import logging
 
-from mfm_jax import errors
+from mfm_jax.runtime import errors
 
 LOCK_NAME = "run.lock"
 

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mfm_jax.host import SegmentationHost
-from mfm_jax.mfm_task import MFMTask
+from mfm_jax.models.network import SegmentationHost
+from mfm_jax.uda.mfm_task import MFMTask
 from mfm_jax.uda import augment, classmix, ema, feature_distance, masking, pseudo_labels
 
 Batch = dict[str, jax.Array]
@@ -147,7 +147,7 @@ def make_update_fn(config: ml_collections.ConfigDict, host: SegmentationHost,
               _vars(params["model"], bs), mic_img * bm.astype(mic_img.dtype), pl, pw,
               rng=keys["mic_fwd"])
           terms["mic_ce"] = uda.mic.weight * mic_loss
-      # 6. Masked Feature Modeling (mfm_jax/mfm_task.py owns the loss).
+      # 6. Masked Feature Modeling (mfm_jax/uda/mfm_task.py owns the loss).
       if use_mfm:
         mfm_terms, bs = mfm_task.terms(
             params, host, bs, keys=keys,

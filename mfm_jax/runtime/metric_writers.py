@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from mfm_jax import json_io
+from mfm_jax.runtime import json_io
 
 _WRITER_IDS = itertools.count()
 

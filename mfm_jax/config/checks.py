@@ -41,7 +41,7 @@ def _check_crop(c: ml_collections.ConfigDict) -> None:
   crop = tuple(c.data.crop_size)
   stride = segmentor.output_stride(c.model.backbone)
   if c.model.hrda.enabled:
-    from mfm_jax import hrda  # pylint: disable=g-import-not-at-top
+    from mfm_jax.models import hrda  # pylint: disable=g-import-not-at-top
     hrda.check_config(c)  # ValueErrors naming config.model.hrda.* / config.data.crop_size
     if c.uda.fd.enabled and c.uda.fd.weight > 0:
       # The feature distance pools the crop's labels onto the context features' grid, which

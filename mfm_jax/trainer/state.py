@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mfm_jax import optim
-from mfm_jax.host import SegmentationHost
-from mfm_jax.mfm_task import MFMTask
+from mfm_jax.trainer import optim
+from mfm_jax.models.network import SegmentationHost
+from mfm_jax.uda.mfm_task import MFMTask
 from mfm_jax.models import segmentor as segmentor_lib
-from mfm_jax.train_step import TrainState, needs_imnet, needs_teacher
+from mfm_jax.trainer.step import TrainState, needs_imnet, needs_teacher
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -32,7 +32,7 @@ def build_host(config: ml_collections.ConfigDict) -> SegmentationHost:
   """The segmentation network behind the UDA step (HRDA when ``config.model.hrda`` is on)."""
   hrda_cfg = config.model.get("hrda")
   if hrda_cfg is not None and hrda_cfg.enabled:
-    from mfm_jax import hrda  # pylint: disable=g-import-not-at-top
+    from mfm_jax.models import hrda  # pylint: disable=g-import-not-at-top
     return hrda.build_host(config)
   return SegmentationHost(segmentor_lib.build_segmentor(config.model))
 
@@ -41,7 +41,7 @@ def mfm_image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """Spatial size of the images whose features MFM masks."""
   hrda_cfg = config.model.get("hrda")
   if hrda_cfg is not None and hrda_cfg.enabled:
-    from mfm_jax import hrda  # pylint: disable=g-import-not-at-top
+    from mfm_jax.models import hrda  # pylint: disable=g-import-not-at-top
     return hrda.mfm_image_size(config)
   return tuple(config.data.crop_size)
 
@@ -88,7 +88,7 @@ def merge_strict(target: Any, loaded: Any, what: str) -> Any:
   shapes = sorted(f"{k}: expected {tuple(t[k].shape)}, got {tuple(np.shape(l[k]))}"
                   for k in set(t) & set(l) if tuple(t[k].shape) != tuple(np.shape(l[k])))
   if missing or unexpected or shapes:
-    from mfm_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+    from mfm_jax.trainer.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
     def show(xs):
       return ", ".join(xs[:12]) + (f", … ({len(xs)} in all)" if len(xs) > 12 else "")
     raise CheckpointError(
@@ -100,7 +100,7 @@ def merge_strict(target: Any, loaded: Any, what: str) -> Any:
 
 def load_init(config: ml_collections.ConfigDict, variables: dict[str, Any]) -> dict[str, Any]:
   """Merges ``config.init_from`` into freshly initialised variables (host numpy)."""
-  from mfm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mfm_jax.trainer import checkpoint  # pylint: disable=g-import-not-at-top
   path = config.init_from
   variables = jax.tree_util.tree_map(np.asarray, variables)
   model = checkpoint.load_params(path, subtree=("params", "model"))
@@ -125,7 +125,7 @@ def load_rebuilder_init(config: ml_collections.ConfigDict, variables: dict[str, 
                         ) -> dict[str, Any]:
   """Merges ``config.mfm.init_from`` (e.g. the released Rebuilder, converted with
   ``python -m mfm_jax.convert --arch=rebuilder_daformer``) into ``params['rebuilder']``."""
-  from mfm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mfm_jax.trainer import checkpoint  # pylint: disable=g-import-not-at-top
   path = config.mfm.init_from
   variables = jax.tree_util.tree_map(np.asarray, variables)
   loaded = checkpoint.load_params(path, subtree=("params", "rebuilder"))

@@ -23,13 +23,21 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mfm_jax import (checkpoint, config_lib, errors, inference, json_io, metric_writers, parallel,
-                     run_lock, state as state_lib, stopping)
-from mfm_jax import progress as progress_lib
-from mfm_jax import visualize
+from mfm_jax.trainer import checkpoint
+from mfm_jax.config import lib as config_lib
+from mfm_jax.runtime import errors
+from mfm_jax.evaluation import inference
+from mfm_jax.runtime import json_io
+from mfm_jax.runtime import metric_writers
+from mfm_jax.trainer import parallel
+from mfm_jax.runtime import run_lock
+from mfm_jax.trainer import state as state_lib
+from mfm_jax.runtime import stopping
+from mfm_jax.runtime import progress as progress_lib
+from mfm_jax.evaluation import visualize
 from mfm_jax.data import pipeline
-from mfm_jax.evaluation import format_report, report_scalars
-from mfm_jax.train_step import make_update_fn
+from mfm_jax.evaluation.metrics import format_report, report_scalars
+from mfm_jax.trainer.step import make_update_fn
 
 
 class NonFiniteLossError(errors.UserError, RuntimeError):
