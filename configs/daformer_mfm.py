@@ -1,10 +1,13 @@
 r"""DAFormer + MFM on GTA→Cityscapes, MiT-B5 + DAFormer head, 512 crops.
 
-Presets (--config=configs/daformer_mfm.py:synthetic,steps=200): see config_lib.experiment.
+Presets (--config=configs/daformer_mfm.py:synthetic,steps=200): see mfm_jax.config.fragments.PRESETS.
 """
 
-from mfm_jax.config import lib as config_lib
+from mfm_jax.config import base, fragments
 
 
 def get_config(arg=None):
-  return config_lib.experiment("daformer", True, arg)
+  c = base.base_config()
+  fragments.daformer(c)
+  fragments.mfm(c)
+  return fragments.apply_presets(c, arg)

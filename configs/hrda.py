@@ -1,10 +1,13 @@
 r"""HRDA (DAFormer-style UDA on the multi-resolution network) on GTA→Cityscapes, no MIC, no MFM.
 
-Presets: see ``config_lib.experiment``; ``:mfm=True`` gives HRDA + MFM.
+Presets: see ``mfm_jax.config.fragments.PRESETS``; ``:mfm=True`` gives HRDA + MFM.
 """
 
-from mfm_jax.config import lib as config_lib
+from mfm_jax.config import base, fragments
 
 
 def get_config(arg=None):
-  return config_lib.experiment("daformer", False, arg, hrda=True)
+  c = base.base_config()
+  fragments.daformer(c)
+  fragments.hrda(c)
+  return fragments.apply_presets(c, arg)

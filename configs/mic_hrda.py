@@ -1,10 +1,13 @@
 r"""MIC(HRDA) on GTA→Cityscapes (75.9 mIoU in the MIC paper), no MFM.
 
-Presets: see ``config_lib.experiment``.
+Presets: see ``mfm_jax.config.fragments.PRESETS``.
 """
 
-from mfm_jax.config import lib as config_lib
+from mfm_jax.config import base, fragments
 
 
 def get_config(arg=None):
-  return config_lib.experiment("mic", False, arg, hrda=True)
+  c = base.base_config()
+  fragments.mic(c)
+  fragments.hrda(c)
+  return fragments.apply_presets(c, arg)

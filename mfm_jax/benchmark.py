@@ -31,10 +31,10 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mfm_jax.config import lib as config_lib
+from mfm_jax.config import fragments, validation
 from mfm_jax.trainer import parallel
 from mfm_jax.trainer import state as state_lib
-from mfm_jax.trainer.step import make_update_fn
+from mfm_jax.trainer.step import jit_update_fn
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:preset].")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
@@ -81,13 +81,13 @@ def _cost_flops(compiled) -> float:
 
 def deployed_figures(config) -> dict[str, Any]:
   """Parameters and forward FLOPs (one image) of the inference network."""
-  host = state_lib.build_host(config)
+  net = state_lib.build_network(config)
   h, w = config.data.crop_size
   x = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
-  variables = jax.eval_shape(lambda x: host.model.init(
-      {"params": jax.random.key(0), "dropout": jax.random.key(0)}, x, train=False), x)
+  shapes = state_lib.abstract_variables(config, net)
+  variables = {"params": shapes["params"]["model"], "batch_stats": shapes["batch_stats"]}
   n = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(variables["params"]))
-  fwd = jax.jit(lambda v, x: host.predict(v, x, train=False)[0]).lower(variables, x).compile()
+  fwd = jax.jit(lambda v, x: net.predict(v, x, train=False)[0]).lower(variables, x).compile()
   return {"params": n, "forward_flops": _cost_flops(fwd),
           "tree": jax.tree_util.tree_structure(variables["params"])}
 
@@ -106,14 +106,13 @@ def _median_seconds(call, steps: int, warmup: int) -> float:
 
 def time_step(config, steps: int, warmup: int) -> dict[str, Any]:
   mesh = parallel.make_mesh(config.mesh.data)
-  host = state_lib.build_host(config)
+  net = state_lib.build_network(config)
   task = state_lib.build_mfm_task(config)
-  tx = state_lib.build_optimizer(config, host, task)
+  tx = state_lib.build_optimizer(config, net, task)
   repl = parallel.replicated(mesh)
-  state = state_lib.create_train_state(config, host, task, tx, repl)
+  state = state_lib.create_train_state(config, net, task, tx, repl)
   batch = parallel.shard_batch(fake_batch(config), mesh)
-  update = jax.jit(make_update_fn(config, host, task, tx), donate_argnums=(0,),
-                   in_shardings=(repl, parallel.data_sharded(mesh)), out_shardings=(repl, repl))
+  update, _ = jit_update_fn(config, net, task, tx, mesh)
   t0 = time.perf_counter()
   compiled = update.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
@@ -241,7 +240,7 @@ def rebuilder_params(config) -> int:
 
 def run(config, steps: int, warmup: int, with_torch: bool, mfm_cost: bool = True
         ) -> dict[str, Any]:
-  config_lib.validate(config)
+  validation.validate(config)
   device = jax.devices()[0]
   out: dict[str, Any] = {"device": f"{device.platform}:{device.device_kind}",
                          "date": time.strftime("%Y-%m-%d"),
@@ -276,7 +275,8 @@ def run(config, steps: int, warmup: int, with_torch: bool, mfm_cost: bool = True
   out["mfu"] = out["achieved_tflops_s"] / peak if peak else None
   if with_torch:
     sup = config.copy_and_resolve_references()
-    config_lib.set_method(sup, "source_only", False)
+    fragments.source_only(sup)
+    sup.mfm.enabled = False
     out["jax_supervised_step_s"] = time_step(sup, steps, warmup)["step_s"]
     out.update(torch_segformer_step(config, steps, warmup))
     out["torch_over_jax_supervised"] = out["torch_step_s"] / out["jax_supervised_step_s"]

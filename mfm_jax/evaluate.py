@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from mfm_jax.trainer import checkpoint
-from mfm_jax.config import lib as config_lib
+from mfm_jax.config import validation
 from mfm_jax.runtime import errors
 from mfm_jax.evaluation import inference
 from mfm_jax.runtime import json_io
@@ -47,15 +47,7 @@ def torch_arch(config: ml_collections.ConfigDict) -> str:
   return "dlv3p" if head == "dlv3p" else "dlv2"
 
 
-def _abstract_variables(config, host) -> dict[str, Any]:
-  h, w = config.data.crop_size
-  images = jax.ShapeDtypeStruct((1, h, w, 3), np.float32)
-  shapes = jax.eval_shape(lambda x: host.model.init(
-      {"params": jax.random.key(0), "dropout": jax.random.key(0)}, x, train=False), images)
-  return {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
-
-
-def load_variables(config: ml_collections.ConfigDict, host, path: str,
+def load_variables(config: ml_collections.ConfigDict, net, path: str,
                    which: str = "student", report: dict[str, Any] | None = None
                    ) -> dict[str, Any]:
   """Segmentor variables from an Orbax directory or a ``.pth`` / ``.safetensors`` file.
@@ -64,7 +56,8 @@ def load_variables(config: ml_collections.ConfigDict, host, path: str,
   dict is filled with what was loaded (format, tensors read, notes, counts, checksum), the
   figures ``convert`` prints.
   """
-  target = _abstract_variables(config, host)
+  shapes = state_lib.abstract_variables(config, net)
+  target = {"params": shapes["params"]["model"], "batch_stats": shapes["batch_stats"]}
   info = {"checkpoint": path, "which": which, "notes": []}
   if path.lower().endswith(WEIGHT_FILE_SUFFIXES):
     from mfm_jax.convert import mapping, torch_io  # pylint: disable=g-import-not-at-top
@@ -98,15 +91,15 @@ def load_variables(config: ml_collections.ConfigDict, host, path: str,
 def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str,
                         which: str = "student", output: str | None = None) -> dict[str, Any]:
   """Evaluates ``path`` on ``config.data``'s target evaluation split; returns the report."""
-  config_lib.validate(config)
+  validation.validate(config)
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.exists(path):
     raise checkpoint.CheckpointError(f"Checkpoint {path} does not exist.")
-  host = state_lib.build_host(config)
+  net = state_lib.build_network(config)
   batches = pipeline.make_eval_dataset(config.data, process_index=jax.process_index(),
                                        process_count=jax.process_count())
-  variables = load_variables(config, host, path, which)
-  report = inference.evaluate(config, host, variables, batches)
+  variables = load_variables(config, net, path, which)
+  report = inference.evaluate(config, net, variables, batches)
   report.update(checkpoint=path, which=which, mode=config.eval.mode)
   output = output or f"{path.rstrip(os.sep)}.eval_{which}_{config.eval.mode}.json"
   if jax.process_index() == 0:

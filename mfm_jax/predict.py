@@ -194,16 +194,16 @@ def _prefetch(items: list[Item], scale, workers: int):
 
 
 def load_model(config, checkpoint_path: str, which: str = "student", mode: str = ""):
-  """``(config, host, variables, predict_fn, load report)`` for ``checkpoint_path``."""
+  """``(config, net, variables, predict_fn, load report)`` for ``checkpoint_path``."""
   import jax  # pylint: disable=g-import-not-at-top
   from mfm_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from mfm_jax.config import lib as config_lib
+  from mfm_jax.config import validation
   from mfm_jax.evaluation import inference
   from mfm_jax.trainer import state as state_lib  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   if mode:
     config.eval.mode = mode
-  config_lib.validate(config)
+  validation.validate(config)
   path = os.path.abspath(os.path.expanduser(checkpoint_path))
   if not os.path.exists(path):
     raise PredictError(f"--checkpoint={checkpoint_path}: {path} does not exist.")
@@ -211,13 +211,13 @@ def load_model(config, checkpoint_path: str, which: str = "student", mode: str =
     raise PredictError(f"--checkpoint={checkpoint_path}: a file must be PyTorch weights "
                        f"({', '.join(evaluate.WEIGHT_FILE_SUFFIXES)}); an Orbax checkpoint is "
                        "a directory.")
-  host = state_lib.build_host(config)
+  net = state_lib.build_network(config)
   report = {}
-  variables = evaluate.load_variables(config, host, path, which, report=report)
+  variables = evaluate.load_variables(config, net, path, which, report=report)
   variables = jax.device_put(variables)  # once, not with every batch
   hrda = config.model.get("hrda")
   pad = HRDA_PAD_MULTIPLE if hrda is not None and hrda.enabled else 1
-  return config, host, variables, inference.make_predict_fn(config, host, pad_multiple=pad), report
+  return config, net, variables, inference.make_predict_fn(config, net, pad_multiple=pad), report
 
 
 def format_load_report(report: dict[str, Any]) -> str:

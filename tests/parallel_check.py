@@ -16,14 +16,14 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mfm_jax.config import lib as config_lib  # noqa: E402
+from mfm_jax.config import fragments  # noqa: E402
 from mfm_jax.trainer import parallel
 from mfm_jax.trainer import state as state_lib
-from mfm_jax.trainer.step import make_update_fn  # noqa: E402
+from mfm_jax.trainer.step import jit_update_fn  # noqa: E402
 
 
 def tiny_config(global_batch: int):
-  c = config_lib.experiment("mic", True, "synthetic")
+  c = fragments.compose(fragments.mic, fragments.mfm, presets="synthetic")
   c.data.crop_size = (32, 32)
   c.data.batch_size = global_batch
   c.uda.mic.block_size = 4
@@ -47,13 +47,12 @@ def fake_batch(c, seed=0):
 
 def run_step(c, mesh, batch, steps: int = 2):
   """Runs ``steps`` updates on ``mesh``; returns the last metrics (with grads) as numpy."""
-  host = state_lib.build_host(c)
+  net = state_lib.build_network(c)
   task = state_lib.build_mfm_task(c)
-  tx = state_lib.build_optimizer(c, host, task)
+  tx = state_lib.build_optimizer(c, net, task)
   repl = parallel.replicated(mesh)
-  state = state_lib.create_train_state(c, host, task, tx, repl)
-  update = jax.jit(make_update_fn(c, host, task, tx, with_grads=True),
-                   in_shardings=(repl, parallel.data_sharded(mesh)), out_shardings=(repl, repl))
+  state = state_lib.create_train_state(c, net, task, tx, repl)
+  update, _ = jit_update_fn(c, net, task, tx, mesh, donate=False, with_grads=True)
   for _ in range(steps):
     state, metrics = update(state, parallel.shard_batch(batch, mesh))
   return jax.tree_util.tree_map(np.asarray, jax.device_get(metrics))

@@ -57,9 +57,9 @@ def _assert_tree_equal(a, b):
 
 def test_save_restore_across_meshes(tmp_path):
   assert len(jax.devices()) >= 4
-  host = _host_state()
-  state = _put(host, _replicated4())
-  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", keep=2, save_interval_steps=10)
+  net = _host_state()
+  state = _put(net, _replicated4())
+  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", keep=2)
   assert ckpt.latest_step() is None
   assert ckpt.save(10, state, extra={"iterator": {"epoch": 1, "index": 42}})
   ckpt.wait()
@@ -67,8 +67,8 @@ def test_save_restore_across_meshes(tmp_path):
 
   # Onto a single device.
   one = SingleDeviceSharding(jax.devices()[0])
-  restored, extra = ckpt.restore(_abstract(host, lambda x: one))
-  _assert_tree_equal(restored, host)
+  restored, extra = ckpt.restore(_abstract(net, lambda x: one))
+  _assert_tree_equal(restored, net)
   assert extra == {"iterator": {"epoch": 1, "index": 42}}
   assert restored.params["model"]["w"].sharding == one
 
@@ -76,21 +76,21 @@ def test_save_restore_across_meshes(tmp_path):
   mesh2 = Mesh(np.array(jax.devices()[:2]), ("data",))
   def shard2(x):
     return NamedSharding(mesh2, P("data") if np.ndim(x) and np.shape(x)[0] % 2 == 0 else P())
-  restored, _ = ckpt.restore(_abstract(host, shard2), step=10)
-  _assert_tree_equal(restored, host)
+  restored, _ = ckpt.restore(_abstract(net, shard2), step=10)
+  _assert_tree_equal(restored, net)
   w = restored.params["model"]["w"]
   assert w.sharding.is_equivalent_to(NamedSharding(mesh2, P("data")), w.ndim)
   assert len(w.addressable_shards) == 2
   ckpt.close()
 
 
-def test_interval_keep_and_force(tmp_path):
+def test_every_save_writes_and_keep(tmp_path):
   state = _put(_host_state(), _replicated4())
-  ckpt = checkpoint.Checkpointer(tmp_path, keep=2, save_interval_steps=5)
-  saved = [s for s in range(1, 16) if ckpt.save(s, state)]
-  assert saved == [5, 10, 15]
-  assert ckpt.save(17, state, force=True)
-  assert not ckpt.save(17, state, force=True)  # Already saved: no error, nothing written.
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=2)
+  saved = [s for s in (1, 5, 15) if ckpt.save(s, state)]
+  assert saved == [1, 5, 15]  # the caller decides when; no interval policy in between
+  assert ckpt.save(17, state)
+  assert not ckpt.save(17, state)  # Already saved: no error, nothing written.
   ckpt.wait()
   assert ckpt.all_steps() == [15, 17]
   assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["15", "17"]
@@ -98,39 +98,39 @@ def test_interval_keep_and_force(tmp_path):
 
 
 def test_non_finite_state_is_refused(tmp_path):
-  host = _host_state()
-  ckpt = checkpoint.Checkpointer(tmp_path, keep=1, save_interval_steps=1)
-  assert ckpt.save(1, _put(host, _replicated4()))
+  net = _host_state()
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=1)
+  assert ckpt.save(1, _put(net, _replicated4()))
   ckpt.wait()
-  bad = host.replace(params={**host.params, "model": {**host.params["model"],
+  bad = net.replace(params={**net.params, "model": {**net.params["model"],
                                                       "b": np.array([0., np.nan, 1.], np.float32)}})
   with pytest.raises(checkpoint.NonFiniteStateError, match="params/model/b"):
-    ckpt.save(2, _put(bad, _replicated4()), force=True)
+    ckpt.save(2, _put(bad, _replicated4()))
   with pytest.raises(checkpoint.CheckpointError, match="JSON"):
-    ckpt.save(3, _put(host, _replicated4()), extra={"x": object()})
+    ckpt.save(3, _put(net, _replicated4()), extra={"x": object()})
   ckpt.wait()
   assert ckpt.all_steps() == [1]  # keep=1 did not evict the good checkpoint.
-  restored, extra = ckpt.restore(_abstract(host, lambda x: SingleDeviceSharding(jax.devices()[0])))
-  _assert_tree_equal(restored, host)
+  restored, extra = ckpt.restore(_abstract(net, lambda x: SingleDeviceSharding(jax.devices()[0])))
+  _assert_tree_equal(restored, net)
   assert extra == {}
   ckpt.close()
 
 
 def test_interrupted_save_is_not_picked_up(tmp_path):
-  host = _host_state()
+  net = _host_state()
   root = tmp_path / "ckpt"
-  ckpt = checkpoint.Checkpointer(root, keep=3, save_interval_steps=1)
-  ckpt.save(3, _put(host, _replicated4()))
+  ckpt = checkpoint.Checkpointer(root, keep=3)
+  ckpt.save(3, _put(net, _replicated4()))
   ckpt.close()
   # What a save killed before Orbax's final rename leaves behind: complete data under the
   # temporary name (the strongest case: only the rename is missing).
   shutil.copytree(root / "3", root / "9.orbax-checkpoint-tmp-1700000000000000")
-  ckpt = checkpoint.Checkpointer(root, keep=3, save_interval_steps=1)
+  ckpt = checkpoint.Checkpointer(root, keep=3)
   assert ckpt.latest_step() == 3
   assert ckpt.all_steps() == [3]
   one = SingleDeviceSharding(jax.devices()[0])
-  restored, _ = ckpt.restore(_abstract(host, lambda x: one))
-  _assert_tree_equal(restored, host)
+  restored, _ = ckpt.restore(_abstract(net, lambda x: one))
+  _assert_tree_equal(restored, net)
   # A later save of that step works and is then the latest.
   assert ckpt.save(9, _put(_host_state(2.0), _replicated4()))
   ckpt.wait()
@@ -142,18 +142,18 @@ def test_interrupted_save_is_not_picked_up(tmp_path):
 
 
 def test_load_params_paths_and_errors(tmp_path):
-  host = _host_state()
+  net = _host_state()
   root = tmp_path / "ckpt"
-  ckpt = checkpoint.Checkpointer(root, keep=3, save_interval_steps=1)
-  ckpt.save(4, _put(host, _replicated4()))
+  ckpt = checkpoint.Checkpointer(root, keep=3)
+  ckpt.save(4, _put(net, _replicated4()))
   ckpt.save(8, _put(_host_state(3.0), _replicated4()))
   ckpt.close()
 
   latest = checkpoint.load_params(root)
   assert set(latest) == {"w", "b"}
   assert isinstance(latest["w"], np.ndarray)
-  np.testing.assert_array_equal(latest["w"], host.params["model"]["w"] * 3.0)
-  np.testing.assert_array_equal(checkpoint.load_params(root / "4")["b"], host.params["model"]["b"])
+  np.testing.assert_array_equal(latest["w"], net.params["model"]["w"] * 3.0)
+  np.testing.assert_array_equal(checkpoint.load_params(root / "4")["b"], net.params["model"]["b"])
   reb = checkpoint.load_params(root / "4" / "state", subtree=("params", "rebuilder"))
   np.testing.assert_array_equal(reb["k"], np.ones((2, 2), np.float32))
 
@@ -183,16 +183,16 @@ def test_load_params_paths_and_errors(tmp_path):
 
 
 def test_restore_errors(tmp_path):
-  host = _host_state()
-  ckpt = checkpoint.Checkpointer(tmp_path, keep=1, save_interval_steps=1)
+  net = _host_state()
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=1)
   one = SingleDeviceSharding(jax.devices()[0])
   with pytest.raises(checkpoint.CheckpointError, match="No checkpoint found"):
-    ckpt.restore(_abstract(host, lambda x: one))
-  ckpt.save(2, _put(host, _replicated4()))
+    ckpt.restore(_abstract(net, lambda x: one))
+  ckpt.save(2, _put(net, _replicated4()))
   with pytest.raises(checkpoint.CheckpointError, match="ShapeDtypeStruct with a sharding"):
-    ckpt.restore(jax.eval_shape(lambda: _put(host, one)))
+    ckpt.restore(jax.eval_shape(lambda: _put(net, one)))
   with pytest.raises(checkpoint.CheckpointError, match=r"step 5 .* available steps: \[2\]"):
-    ckpt.restore(_abstract(host, lambda x: one), step=5)
+    ckpt.restore(_abstract(net, lambda x: one), step=5)
   ckpt.close()
 
 
@@ -208,14 +208,14 @@ _WORKER = textwrap.dedent("""
     from mfm_jax.trainer import checkpoint
     mesh = Mesh(np.array(jax.devices()), ("data",))
     repl, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    host = {"params": {"model": {"w": np.arange(8, dtype=np.float32).reshape(4, 2)}},
+    net = {"params": {"model": {"w": np.arange(8, dtype=np.float32).reshape(4, 2)}},
             "step": np.int32(5)}
-    state = jax.tree.map(lambda x: jax.device_put(x, repl), host)
-    ckpt = checkpoint.Checkpointer(workdir, keep=2, save_interval_steps=5)
+    state = jax.tree.map(lambda x: jax.device_put(x, repl), net)
+    ckpt = checkpoint.Checkpointer(workdir, keep=2)
     assert ckpt.save(5, state, extra={"data": [pid, 1]})  # Per-process iterator state.
     ckpt.wait()
     # NaN only in the rows held by process 1: every process must refuse (no one hangs).
-    local = host["params"]["model"]["w"].copy()
+    local = net["params"]["model"]["w"].copy()
     if pid == 1:
       local[:] = np.nan
     bad = {"params": {"model": {"w": jax.make_array_from_callback((4, 2), rows,
@@ -227,16 +227,16 @@ _WORKER = textwrap.dedent("""
     except checkpoint.NonFiniteStateError:
       pass
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-        x.shape, x.dtype, sharding=rows if x.ndim else repl), host)
+        x.shape, x.dtype, sharding=rows if x.ndim else repl), net)
     restored, extra = ckpt.restore(abstract)
     assert extra == {"data": [pid, 1]}, extra
     w = restored["params"]["model"]["w"]
     assert len(w.addressable_shards) == 2
     for shard in w.addressable_shards:
-      np.testing.assert_array_equal(np.asarray(shard.data), host["params"]["model"]["w"][shard.index])
+      np.testing.assert_array_equal(np.asarray(shard.data), net["params"]["model"]["w"][shard.index])
     assert ckpt.all_steps() == [5], ckpt.all_steps()
     ckpt.close()
-    np.testing.assert_array_equal(checkpoint.load_params(workdir)["w"], host["params"]["model"]["w"])
+    np.testing.assert_array_equal(checkpoint.load_params(workdir)["w"], net["params"]["model"]["w"])
     print(f"worker {pid}/{jax.process_count()} ok")
 """)
 
@@ -268,7 +268,7 @@ def test_two_process_save_restore(tmp_path):
   one = SingleDeviceSharding(jax.devices()[0])
   abstract = {"params": {"model": {"w": jax.ShapeDtypeStruct((4, 2), jnp.float32, sharding=one)}},
               "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=one)}
-  with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+  with checkpoint.Checkpointer(tmp_path / "ckpt", keep=1) as ckpt:
     with pytest.raises(checkpoint.CheckpointError, match="`extra` of 2 processes"):
       ckpt.restore(abstract)
 
@@ -281,9 +281,9 @@ def test_failed_save_stops_at_once_and_keeps_the_last_good(tmp_path, monkeypatch
   import errno  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  host = _host_state()
-  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", keep=1, save_interval_steps=1)
-  assert ckpt.save(1, _put(host, _replicated4()))
+  net = _host_state()
+  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", keep=1)
+  assert ckpt.save(1, _put(net, _replicated4()))
   original = ocp.CheckpointManager.save
 
   def full_disk(self, step, *args, **kwargs):
@@ -305,8 +305,8 @@ def test_failed_save_stops_at_once_and_keeps_the_last_good(tmp_path, monkeypatch
   one = SingleDeviceSharding(jax.devices()[0])
   with checkpoint.Checkpointer(tmp_path / "ckpt", keep=1) as again:
     assert again.all_steps() == [1]
-    restored, _ = again.restore(_abstract(host, lambda x: one))
-  _assert_tree_equal(restored, host)
+    restored, _ = again.restore(_abstract(net, lambda x: one))
+  _assert_tree_equal(restored, net)
 
 
 _READ_ONLY = textwrap.dedent("""
@@ -315,7 +315,7 @@ _READ_ONLY = textwrap.dedent("""
     import jax.numpy as jnp
     from mfm_jax.trainer import checkpoint
     root = sys.argv[1]
-    ckpt = checkpoint.Checkpointer(root, keep=1, save_interval_steps=1)
+    ckpt = checkpoint.Checkpointer(root, keep=1)
     ckpt.save(1, {"w": jnp.arange(4.0)})
     if os.geteuid() == 0:  # root ignores permission bits: make the directory immutable
       if subprocess.run(["chattr", "+i", root], capture_output=True).returncode:
@@ -369,42 +369,42 @@ def _damage(step_dir):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax teardown
 def test_damaged_newest_checkpoint_is_moved_aside(tmp_path, caplog):
-  host = _host_state()
+  net = _host_state()
   root = tmp_path / "ckpt"
-  ckpt = checkpoint.Checkpointer(root, keep=3, save_interval_steps=1)
-  ckpt.save(1, _put(host, _replicated4()), extra={"data": 1})
+  ckpt = checkpoint.Checkpointer(root, keep=3)
+  ckpt.save(1, _put(net, _replicated4()), extra={"data": 1})
   ckpt.save(2, _put(_host_state(2.0), _replicated4()), extra={"data": 2})
   ckpt.close()
   _damage(root / "2")
   one = SingleDeviceSharding(jax.devices()[0])
-  ckpt = checkpoint.Checkpointer(root, keep=3, save_interval_steps=1)
+  ckpt = checkpoint.Checkpointer(root, keep=3)
   with pytest.raises(Exception):  # what a plain restore of the damaged step does
-    ckpt.restore(_abstract(host, lambda x: one), step=2)
+    ckpt.restore(_abstract(net, lambda x: one), step=2)
   with caplog.at_level("WARNING"):
-    step, restored, extra = ckpt.restore_latest_good(_abstract(host, lambda x: one))
+    step, restored, extra = ckpt.restore_latest_good(_abstract(net, lambda x: one))
   assert step == 1 and extra == {"data": 1}
-  _assert_tree_equal(restored, host)
+  _assert_tree_equal(restored, net)
   aside = [p.name for p in root.iterdir() if p.name.startswith("2" + checkpoint.DAMAGED_TAG)]
   assert len(aside) == 1 and "damaged" in caplog.text and aside[0] in caplog.text
   assert ckpt.all_steps() == [1]
   assert ckpt.save(2, _put(_host_state(3.0), _replicated4()))  # the step can be saved again
   ckpt.close()
-  with checkpoint.Checkpointer(root) as again:  # the damaged copy is kept and never listed
+  with checkpoint.Checkpointer(root, keep=3) as again:  # the damaged copy is kept and never listed
     assert again.all_steps() == [1, 2]
   assert aside[0] in os.listdir(root)
 
 
 def test_config_mismatch_is_not_damage(tmp_path):
-  host = _host_state()
-  ckpt = checkpoint.Checkpointer(tmp_path, keep=3, save_interval_steps=1)
-  ckpt.save(1, _put(host, _replicated4()))
+  net = _host_state()
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=3)
+  ckpt.save(1, _put(net, _replicated4()))
   one = SingleDeviceSharding(jax.devices()[0])
-  other = host.replace(params={**host.params, "model": {**host.params["model"],
+  other = net.replace(params={**net.params, "model": {**net.params["model"],
                                                         "w": np.zeros((5, 3), np.float32)}})
   with pytest.raises(checkpoint.CheckpointError, match=r"does not fit .*other shape 1: "
                                                        r"params/model/w"):
     ckpt.restore_latest_good(_abstract(other, lambda x: one))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
-  assert checkpoint.Checkpointer(tmp_path / "empty").restore_latest_good(
-      _abstract(host, lambda x: one)) is None
+  assert checkpoint.Checkpointer(tmp_path / "empty", keep=3).restore_latest_good(
+      _abstract(net, lambda x: one)) is None
   ckpt.close()

@@ -11,7 +11,7 @@ import PIL.Image
 import pytest
 
 from mfm_jax.trainer import checkpoint
-from mfm_jax.config import lib as config_lib
+from mfm_jax.config import validation
 from mfm_jax.runtime import errors
 from mfm_jax.runtime import json_io
 
@@ -86,7 +86,7 @@ def test_guard_maps_errors_to_exit_codes(capsys, monkeypatch):
       raise error
     return main
 
-  cases = [(config_lib.ConfigError("config.x=1 is bad"), 1),
+  cases = [(validation.ConfigError("config.x=1 is bad"), 1),
            (checkpoint.CheckpointSaveError("disk full"), 4),
            (checkpoint.NonFiniteStateError("nan"), 3),
            (PermissionError(errno.EACCES, "Permission denied", "/x"), 1)]

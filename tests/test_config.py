@@ -9,7 +9,7 @@ import jax
 import pytest
 from ml_collections import config_flags  # noqa: F401  (imported for its side effects in main)
 
-from mfm_jax.config import lib as config_lib
+from mfm_jax.config import fragments, validation
 from mfm_jax.trainer import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,16 +29,16 @@ def _load(path, arg):
 @pytest.mark.parametrize("arg", ["", "synthetic", "synthia", "synthetic,oracle", "bf16,steps=10"])
 def test_every_preset_builds(path, arg):
   c = _load(path, arg)
-  config_lib.validate(c)
+  validation.validate(c)
   name = os.path.basename(path)
   # Abstract init of the full-size networks is slowish: do it for one config per architecture.
   if arg not in ("synthetic", "") or (arg == "" and name not in FULL_SIZE):
     return
-  host = state_lib.build_host(c)
+  net = state_lib.build_network(c)
   task = state_lib.build_mfm_task(c)
   # Abstract initialisation: builds every module of the network without allocating it.
-  tx = state_lib.build_optimizer(c, host, task)
-  abstract = state_lib.abstract_train_state(c, host, task, tx)
+  tx = state_lib.build_optimizer(c, net, task)
+  abstract = state_lib.abstract_train_state(c, net, task, tx)
   assert abstract.step.shape == ()
   assert ("rebuilder" in abstract.params) == bool(c.mfm.enabled and c.mfm.rebuild)
 
@@ -52,7 +52,7 @@ def test_study_preset(path):
       _load(path, "study")
     return
   c, small = _load(path, "study"), _load(path, "synthetic")
-  config_lib.validate(c)
+  validation.validate(c)
   assert c.data.source == small.data.source == "synthetic_source"
   assert min(c.data.crop_size) // 32 >= 8 and c.mfm.grid_size == min(c.data.crop_size) // 32
   w, h = c.data.synthetic.width, c.data.synthetic.height
@@ -61,18 +61,18 @@ def test_study_preset(path):
   # Prepared datasets are keyed by size: the study's never overwrite the 192×96 ones.
   assert synthetic.synthetic_key(c.data) != synthetic.synthetic_key(small.data)
   if os.path.basename(path) == "mic_mfm_daformer.py":
-    host = state_lib.build_host(c)
+    net = state_lib.build_network(c)
     task = state_lib.build_mfm_task(c)
-    abstract = state_lib.abstract_train_state(c, host, task,
-                                              state_lib.build_optimizer(c, host, task))
+    abstract = state_lib.abstract_train_state(c, net, task,
+                                              state_lib.build_optimizer(c, net, task))
     assert "rebuilder" in abstract.params
 
 
 def test_parse_arg():
-  p = config_lib.parse_arg("synthetic,steps=20,mfm=False", **config_lib.PRESETS)
+  p = fragments.parse_presets("synthetic,steps=20,mfm=False")
   assert p.synthetic is True and p.steps == 20 and p.mfm is False
   with pytest.raises(ValueError, match="Unknown config preset 'nope'"):
-    config_lib.parse_arg("nope", **config_lib.PRESETS)
+    fragments.parse_presets("nope")
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -92,7 +92,7 @@ def test_parse_arg():
     ("data.folder.rgb_labels", "blue", "data.folder.rgb_labels"),
 ])
 def test_validate_names_the_key(key, value, match):
-  c = config_lib.experiment("mic", True, "synthetic")
+  c = fragments.compose(fragments.mic, fragments.mfm, presets="synthetic")
   node = c
   *parents, leaf = key.split(".")
   for p in parents:
@@ -100,8 +100,8 @@ def test_validate_names_the_key(key, value, match):
   node[leaf] = value
   if key == "eval.stride":
     c.eval.mode = "slide"
-  with pytest.raises(config_lib.ConfigError, match=match):
-    config_lib.validate(c)
+  with pytest.raises(validation.ConfigError, match=match):
+    validation.validate(c)
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -111,15 +111,15 @@ def test_validate_names_the_key(key, value, match):
     ("data.crop_size", (160, 160), r"data.crop_size=\(160, 160\).*feature distance"),
 ])
 def test_validate_runs_the_hrda_rules(key, value, match):
-  c = config_lib.experiment("mic", True, "synthetic", hrda=True)
-  config_lib.validate(c)
+  c = fragments.compose(fragments.mic, fragments.hrda, fragments.mfm, presets="synthetic")
+  validation.validate(c)
   node = c
   *parents, leaf = key.split(".")
   for p in parents:
     node = node[p]
   node[leaf] = value
-  with pytest.raises(config_lib.ConfigError, match=match):
-    config_lib.validate(c)
+  with pytest.raises(validation.ConfigError, match=match):
+    validation.validate(c)
 
 
 def _main(*args, timeout=120):

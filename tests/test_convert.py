@@ -94,7 +94,7 @@ def test_daformer_mitb5_tree_matches_flax_model_and_back():
   sd = _tsv("statedict_daformer_mitb5.tsv")
   assert mapping.detect_arch(sd) == "daformer"
   variables = mapping.torch_to_flax(sd)
-  model = segmentor.build_segmentor(type("C", (), dict(backbone="mit_b5", head="daformer_sepaspp"))())
+  model = segmentor.build_segmentor(base.base_config().model)  # MiT-B5 + DAFormer head
   assert _shapes(variables) == _shapes(_abstract(model, _IMAGE))
   back = mapping.flax_to_torch(variables, "daformer", check=False)
   assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in sd.items()}
@@ -114,8 +114,8 @@ def test_hrda_key_set_round_trip():
 def test_hrda_module_tree_matches_converter():
   """mfm_jax.models.hrda's segmentor init tree equals the converter's HRDA tree (reference names)."""
   hrda = pytest.importorskip("mfm_jax.models.hrda", reason="HRDA module (mfm_jax/models/hrda.py) not written yet")
-  from mfm_jax.config import lib as config_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.base_config()
+  from mfm_jax.config import base  # pylint: disable=g-import-not-at-top
+  config = base.base_config()
   config.model.backbone, config.model.head = "mit_b5", "daformer_sepaspp"
   config.model.hrda.enabled = True
   model = hrda.build_segmentor(config)

@@ -171,7 +171,7 @@ def test_rescale_rule_and_prescaled_config(tmp_path):
 
 
 def test_folder_dataset_with_label_map_and_resolve(tmp_path):
-  from mfm_jax.config import lib as config_lib  # pylint: disable=g-import-not-at-top
+  from mfm_jax.config import base  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(3)
   root = tmp_path / "mine"
   raw = {}
@@ -186,7 +186,7 @@ def test_folder_dataset_with_label_map_and_resolve(tmp_path):
           img, ids)
   label_map = tmp_path / "map.json"
   label_map.write_text(json.dumps({"0": 10, "1": 0, "2": 13, "255": 255}))
-  cfg = config_lib.base_config().data
+  cfg = base.base_config().data
   cfg.data_dir = str(tmp_path / "tfds")
   cfg.folder.source_dir, cfg.folder.label_map = str(root), str(label_map)
   res = builders.resolve("folder_source", cfg)

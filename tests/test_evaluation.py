@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mfm_jax.evaluation import metrics as ev
+from mfm_jax.evaluation import sliding
 from mfm_jax.data import labels
 from mfm_jax.ops import resize_bilinear
 
@@ -76,17 +77,17 @@ def test_synthia_protocols():
 
 def test_slide_windows_cityscapes_and_coverage():
   # HRDA/MIC test_cfg: crop 1024, stride 512 on the full 1024x2048 image → 3 windows.
-  windows = ev.slide_windows(1024, 2048, 1024, 512)
+  windows = sliding.slide_windows(1024, 2048, 1024, 512)
   assert windows == [(0, 1024, 0, 1024), (0, 1024, 512, 1536), (0, 1024, 1024, 2048)]
   for h, w, crop, stride in [(37, 53, (16, 20), (7, 9)), (10, 50, 16, (8, 16)),
                              (64, 64, 64, 32), (100, 31, (33, 30), (33, 1))]:
-    count = ev.slide_count_map(h, w, crop, stride)
+    count = sliding.slide_count_map(h, w, crop, stride)
     assert count.min() >= 1, (h, w, crop, stride)
     ch, cw = (crop, crop) if isinstance(crop, int) else crop
-    for y1, y2, x1, x2 in ev.slide_windows(h, w, crop, stride):
+    for y1, y2, x1, x2 in sliding.slide_windows(h, w, crop, stride):
       assert 0 <= y1 < y2 <= h and 0 <= x1 < x2 <= w
       assert (y2 - y1, x2 - x1) == (min(ch, h), min(cw, w))
-  assert ev.slide_windows(64, 64, 64, 32) == [(0, 64, 0, 64)]
+  assert sliding.slide_windows(64, 64, 64, 32) == [(0, 64, 0, 64)]
 
 
 def _pixel_logits(k):
@@ -99,15 +100,15 @@ def test_slide_equals_whole_for_per_pixel_function():
   k = 5
   fn = _pixel_logits(k)
   images = jnp.asarray(np.random.default_rng(2).normal(size=(2, 40, 56, 3)), jnp.float32)
-  whole = ev.whole_inference(fn, images, (40, 56))
+  whole = sliding.whole_inference(fn, images, (40, 56))
   for batched in (True, False):
-    slide = ev.slide_inference(fn, images, (16, 24), (8, 12), k, batch_windows=batched)
+    slide = sliding.slide_inference(fn, images, (16, 24), (8, 12), k, batch_windows=batched)
     np.testing.assert_allclose(np.asarray(slide), np.asarray(whole), rtol=1e-5, atol=1e-5)
-  up = ev.slide_inference(fn, images, 32, 16, k, out_size=(80, 112))
+  up = sliding.slide_inference(fn, images, 32, 16, k, out_size=(80, 112))
   np.testing.assert_allclose(np.asarray(up), np.asarray(resize_bilinear(whole, (80, 112))),
                              rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="num_classes=4"):
-    ev.slide_inference(fn, images, 32, 16, 4)
+    sliding.slide_inference(fn, images, 32, 16, 4)
 
 
 def test_strided_logits_are_resized():
@@ -115,10 +116,10 @@ def test_strided_logits_are_resized():
   def fn(x):
     return jnp.repeat(x[:, ::4, ::4, :1], 3, axis=-1) * jnp.array([1.0, -1.0, 0.5])
   images = jnp.full((1, 32, 48, 3), 2.0)
-  slide = ev.slide_inference(fn, images, 16, 8, 3)
+  slide = sliding.slide_inference(fn, images, 16, 8, 3)
   assert slide.shape == (1, 32, 48, 3)
   np.testing.assert_allclose(np.asarray(slide[0, 5, 7]), [2.0, -2.0, 1.0], rtol=1e-6)
-  whole = ev.whole_inference(fn, images, (64, 96))
+  whole = sliding.whole_inference(fn, images, (64, 96))
   assert whole.shape == (1, 64, 96, 3)
   # mmseg: resize to the input size first, then to the label size.
   ref = resize_bilinear(resize_bilinear(fn(images), (32, 48)), (64, 96))
@@ -131,7 +132,7 @@ def test_evaluator_accumulates_over_batches():
 
   @jax.jit
   def predict(image):
-    return jnp.argmax(ev.whole_inference(fn, image, (24, 32)), axis=-1)
+    return jnp.argmax(sliding.whole_inference(fn, image, (24, 32)), axis=-1)
 
   rng = np.random.default_rng(3)
   batches = []

@@ -1,4 +1,4 @@
-"""Tests for the HRDA segmentor (models/hrda_head.py) and host (hrda.py), uda_reference.md §1.4.
+"""Tests for the HRDA segmentor (models/hrda_head.py) and network wrapper (models/hrda.py), uda_reference.md §1.4.
 
 Fusion/box/window arithmetic is checked on hand-made arrays; forwards use ``mit_tiny`` with a
 64² outer crop and a 32² detail crop; the MiT-B5 parameter counts are only traced (eval_shape).
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from mfm_jax import ops
-from mfm_jax.config import lib as config_lib
+from mfm_jax.config import base, validation
+from mfm_jax.evaluation import sliding
 from mfm_jax.models import hrda
 from mfm_jax.trainer import state as state_lib
 from mfm_jax.models import hrda_head
@@ -26,7 +27,7 @@ K = 19
 
 
 def _config(**hrda_overrides):
-  c = config_lib.base_config()
+  c = base.base_config()
   c.model.backbone = "mit_tiny"
   c.model.head_embed_dim = 32
   c.data.crop_size = (64, 64)
@@ -47,11 +48,11 @@ def _images(seed=0, b=2, size=64):
 
 @pytest.fixture(scope="module")
 def tiny():
-  host = hrda.build_host(_config())
+  net = hrda.build_network(_config())
   x, _ = _images()
-  variables = jax.jit(lambda: host.model.init(
+  variables = jax.jit(lambda: net.model.init(
       {"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, train=False))()
-  return host, {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  return net, {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
 
 # ------------------------------------------------------------------ fusion math (hand-made)
@@ -116,13 +117,13 @@ def test_detail_boxes_lr_box_is_hr_box_over_8():
 def test_hr_slide_windows_cover_every_pixel():
   windows, boxes = hrda.slide_boxes(1024, 1024, (512, 512), (256, 256), 4)
   assert len(windows) == 9  # 3x3 windows of 512 per 1024 window (§1.4 test_cfg)
-  count = hrda.window_count_map(boxes, (256, 256))
+  count = sliding.window_count_map(boxes, (256, 256))
   assert count.min() >= 1 and count.max() == 4 and count[0, 0] == 1
   # A size that needs a clamped last window: still every pixel, windows inside the image.
   windows, boxes = hrda.slide_boxes(96, 160, (64, 64), (32, 32), 4)
   assert all(y2 <= 96 and x2 <= 160 and y2 - y1 == 64 and x2 - x1 == 64
              for y1, y2, x1, x2 in windows)
-  assert hrda.window_count_map(boxes, (24, 40)).min() >= 1
+  assert sliding.window_count_map(boxes, (24, 40)).min() >= 1
   with pytest.raises(ValueError, match="output stride 4"):
     hrda.slide_boxes(66, 64, (32, 32), (16, 16), 4)
 
@@ -141,7 +142,7 @@ def test_merge_windows_averages_by_count():
 def test_hrda_mitb5_parameter_count_and_names():
   c = _config(hr_crop_size=(32, 32))
   c.model.backbone, c.model.head_embed_dim = "mit_b5", 256
-  model = hrda.build_host(c).model
+  model = hrda.build_network(c).model
   shapes = jax.eval_shape(lambda: model.init(
       {"params": jax.random.key(0), "dropout": jax.random.key(0)}, jnp.zeros((1, 64, 64, 3)),
       train=False))
@@ -169,7 +170,7 @@ def test_hrda_mitb5_parameter_count_and_names():
 
 
 def test_non_classwise_attention_has_one_channel():
-  model = hrda.build_host(_config(attention_classwise=False)).model
+  model = hrda.build_network(_config(attention_classwise=False)).model
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
                                              train=False))
   assert shapes["params"]["decode_head"]["scale_attention"]["conv_seg"]["kernel"].shape[-1] == 1
@@ -178,11 +179,11 @@ def test_non_classwise_attention_has_one_channel():
 # ------------------------------------------------------------------ training forward
 
 def test_training_attention_masked_outside_crop(tiny):
-  host, _ = tiny
+  net, _ = tiny
   # Hand-made branch outputs: LR logits 0, attention 1 everywhere, HR logits 1.
   out = {"lr_logits": jnp.zeros((1, 8, 8, K)), "attention": jnp.ones((1, 8, 8, K)),
          "hr_logits": jnp.ones((1, 8, 8, K))}
-  fused = np.asarray(jax.jit(lambda y, x: host.fused_train_logits(out, (y, x), (64, 64)))(
+  fused = np.asarray(jax.jit(lambda y, x: net.fused_train_logits(out, (y, x), (64, 64)))(
       jnp.int32(8), jnp.int32(24)))
   assert fused.shape == (1, 16, 16, K)
   # HR box in the 16² fused map: rows 2..10, cols 6..14 (pixel box / 4).
@@ -192,7 +193,7 @@ def test_training_attention_masked_outside_crop(tiny):
 
 
 def test_hr_loss_uses_cropped_labels(tiny):
-  host, variables = tiny
+  net, variables = tiny
   x, y = _images(1)
   rng = jax.random.key(7)
   y1, x1 = hrda.crop_offsets(jax.random.split(rng)[0], (64, 64), (32, 32), 8)
@@ -200,7 +201,7 @@ def test_hr_loss_uses_cropped_labels(tiny):
   inside = np.zeros((64, 64), bool)
   inside[y1:y1 + 32, x1:x1 + 32] = True
   y_other = jnp.where(inside[None], y, (y + 5) % K)
-  hr_only = dataclasses.replace(host, hr_loss_weight=1.0)
+  hr_only = dataclasses.replace(net, hr_loss_weight=1.0)
   loss_fn = jax.jit(lambda lbl, w: hr_only.forward_loss(variables, x, lbl, w, rng=rng)[0])
   ones = jnp.ones(y.shape)
   # λ_d = 1: labels/weights outside the detail crop do not matter, inside they do.
@@ -211,12 +212,12 @@ def test_hr_loss_uses_cropped_labels(tiny):
   # Default λ_d = 0.1: the loss equals 0.9·CE(fused, label) + 0.1·CE(HR, cropped label).
   def both(v):
     k_fwd = jax.random.split(rng)[1]
-    out, _ = host._run(v, ops.resize_bilinear(x, (32, 32)), x[:, y1:y1 + 32, x1:x1 + 32],
+    out, _ = net.apply(v, ops.resize_bilinear(x, (32, 32)), x[:, y1:y1 + 32, x1:x1 + 32],
                        method="scales_forward", train=True, deterministic=False, rng=k_fwd)
-    fused = host.fused_train_logits(out, (y1, x1), (64, 64))
+    fused = net.fused_train_logits(out, (y1, x1), (64, 64))
     expected = 0.9 * losses.cross_entropy(fused, y) + 0.1 * losses.cross_entropy(
         out["hr_logits"], y[:, y1:y1 + 32, x1:x1 + 32])
-    loss, feats, _ = host.forward_loss(v, x, y, rng=rng)
+    loss, feats, _ = net.forward_loss(v, x, y, rng=rng)
     return expected, loss, feats
 
   expected, loss, feats = jax.jit(both)(variables)
@@ -225,15 +226,15 @@ def test_hr_loss_uses_cropped_labels(tiny):
 
 
 def test_jit_forward_loss_and_grad(tiny):
-  host, variables = tiny
+  net, variables = tiny
   x, y = _images(2)
   w = jnp.full(y.shape, 0.5)
 
   def loss_fn(params, rng):
-    loss, feats, bs = host.forward_loss({"params": params,
+    loss, feats, bs = net.forward_loss({"params": params,
                                          "batch_stats": variables["batch_stats"]},
                                         x, y, w, rng=rng)
-    return loss, (host.fd_features(feats), bs)
+    return loss, (net.fd_features(feats), bs)
 
   (loss, (fd, bs)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
       variables["params"], jax.random.key(0))
@@ -251,27 +252,27 @@ def test_jit_forward_loss_and_grad(tiny):
 # ------------------------------------------------------------------ inference
 
 def test_predict_single_window_equals_whole_image_forward(tiny):
-  host, variables = tiny
+  net, variables = tiny
   x, _ = _images(3)
-  one_window = dataclasses.replace(host, hr_crop_size=(64, 64))
+  one_window = dataclasses.replace(net, hr_crop_size=(64, 64))
   logits, feats, _ = jax.jit(lambda v: one_window.predict(v, x, train=False))(variables)
-  whole = jax.jit(lambda v: host.model.apply(v, x, train=False))(variables)
+  whole = jax.jit(lambda v: net.model.apply(v, x, train=False))(variables)
   np.testing.assert_allclose(logits, ops.resize_bilinear(whole, (64, 64)), atol=1e-5)
   assert feats[-1].shape == (2, 1, 1, 128)
 
 
 def test_predict_slide_shapes_and_teacher_mode(tiny):
-  host, variables = tiny
+  net, variables = tiny
   x, _ = _images(4)
-  logits, _, bs = jax.jit(lambda v: host.predict(v, x, train=True))(variables)
+  logits, _, bs = jax.jit(lambda v: net.predict(v, x, train=True))(variables)
   assert logits.shape == (2, 64, 64, K) and np.all(np.isfinite(np.asarray(logits)))
   changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), bs, variables["batch_stats"])
   assert any(jax.tree.leaves(changed))  # teacher: BN with batch statistics (§2.2)
   # 64² input, 32² windows, stride 16 → 3x3 windows; no-slide differs from sliding.
   assert len(hrda.slide_boxes(64, 64, (32, 32), (16, 16), 4)[0]) == 9
-  whole = dataclasses.replace(host, hr_slide_inference=False)
+  whole = dataclasses.replace(net, hr_slide_inference=False)
   logits_whole, logits_eval = jax.jit(lambda v: (whole.predict(v, x, train=False)[0],
-                                                  host.predict(v, x, train=False)[0]))(variables)
+                                                  net.predict(v, x, train=False)[0]))(variables)
   assert logits_whole.shape == logits_eval.shape
   assert not np.allclose(logits_whole, logits_eval)
 
@@ -279,10 +280,10 @@ def test_predict_slide_shapes_and_teacher_mode(tiny):
 def test_batched_evaluation_predicts_each_image_as_alone(tiny):
   """eval_batch_size: HRDA slide inference of a batch equals image-by-image inference."""
   from mfm_jax.evaluation import inference  # pylint: disable=g-import-not-at-top
-  host, variables = tiny
+  net, variables = tiny
   config = _config()
   config.eval.mode, config.eval.crop_size, config.eval.stride = "slide", (48, 48), (32, 32)
-  predict = inference.make_predict_fn(config, host)
+  predict = inference.make_predict_fn(config, net)
   x, _ = _images(5, b=3, size=80)
   batched = np.asarray(predict(variables, x, (100, 100)))
   single = np.concatenate([np.asarray(predict(variables, x[i:i + 1], (100, 100)))
@@ -294,22 +295,22 @@ def test_batched_evaluation_predicts_each_image_as_alone(tiny):
 # ------------------------------------------------------------------ MFM hooks and builders
 
 def test_mfm_encode_decode_context_and_detail(tiny):
-  host, variables = tiny
+  net, variables = tiny
   x, y = _images(5)
-  feats, _ = host.encode(variables, x, train=False)
-  ref = host.model.apply(variables, ops.resize_bilinear(x, (32, 32)), train=False,
+  feats, _ = net.mfm_encode(variables, x, train=False)
+  ref = net.model.apply(variables, ops.resize_bilinear(x, (32, 32)), train=False,
                          method="encode")
   np.testing.assert_allclose(feats[-1], ref[-1], atol=1e-6)
-  loss, _ = host.decode_loss(variables, feats, y, rng=jax.random.key(0))
+  loss, _ = net.mfm_decode_loss(variables, feats, y, rng=jax.random.key(0))
   assert np.isfinite(float(loss))
 
-  detail = dataclasses.replace(host, mfm_features="detail")
-  dfeats, _ = detail.encode(variables, x, train=False)
-  ref = host.model.apply(variables, x[:, 16:48, 16:48], train=False, method="encode")
+  detail = dataclasses.replace(net, mfm_features="detail")
+  dfeats, _ = detail.mfm_encode(variables, x, train=False)
+  ref = net.model.apply(variables, x[:, 16:48, 16:48], train=False, method="encode")
   np.testing.assert_allclose(dfeats[0], ref[0], atol=1e-6)  # centre crop (16, 16)
-  # decode_loss crops the labels with the same centre box: outside labels are irrelevant.
+  # mfm_decode_loss crops the labels with the same centre box: outside labels are irrelevant.
   y_out = y.at[:, :16].set(0).at[:, 48:].set(3)
-  dl = jax.jit(lambda lbl: detail.decode_loss(variables, dfeats, lbl, rng=jax.random.key(0))[0])
+  dl = jax.jit(lambda lbl: detail.mfm_decode_loss(variables, dfeats, lbl, rng=jax.random.key(0))[0])
   np.testing.assert_allclose(dl(y), dl(y_out), rtol=1e-6)
   # fd_encode always gives the context features.
   fd, _ = detail.fd_encode(variables, x)
@@ -318,18 +319,18 @@ def test_mfm_encode_decode_context_and_detail(tiny):
 
 def test_builders_dispatch_and_sizes():
   c = _config()
-  assert isinstance(state_lib.build_host(c), hrda.HRDAHost)
+  assert isinstance(state_lib.build_network(c), hrda.HRDANetwork)
   assert state_lib.mfm_image_size(c) == (32, 32)  # 64 crop × 0.5
   c.model.hrda.mfm_features = "detail"
   c.mfm.enabled = False
   assert state_lib.mfm_image_size(c) == (32, 32)  # hr_crop_size
-  full = config_lib.base_config()
+  full = base.base_config()
   full.model.hrda.enabled = True
   full.data.crop_size = (1024, 1024)
-  assert hrda.mfm_image_size(full) == (512, 512)
-  host = hrda.build_host(full)
-  assert (host.hr_crop_size, host.hr_slide_stride, host.crop_coord_divisible,
-          host.hr_loss_weight, host.lr_scale) == ((512, 512), (256, 256), 8, 0.1, 0.5)
+  assert hrda.mfm_image_size(full.model.hrda, full.data.crop_size) == (512, 512)
+  net = hrda.build_network(full)
+  assert (net.hr_crop_size, net.hr_slide_stride, net.crop_coord_divisible,
+          net.hr_loss_weight, net.lr_scale) == ((512, 512), (256, 256), 8, 0.1, 0.5)
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -343,17 +344,18 @@ def test_builders_dispatch_and_sizes():
     (dict(mfm_features="both"), "mfm_features"),
 ])
 def test_config_errors_name_the_key(overrides, match):
-  with pytest.raises(ValueError, match=match):
-    hrda.build_host(_config(**overrides))
+  with pytest.raises(validation.ConfigError, match=match):
+    validation.validate(_config(**overrides))
 
 
 def test_config_errors_head_and_detail_domain():
   c = _config()
   c.model.head = "dlv2red"
   with pytest.raises(ValueError, match="config.model.head"):
-    hrda.check_config(c)
+    validation.validate(c)
   c = _config(mfm_features="detail")
-  hrda.check_config(c)  # target classification (with the FD on context features) is supported
+  c.mfm.enabled = True
+  validation.validate(c)  # target classification (with the FD on context features) is supported
   c.mfm.domain = "both"
   with pytest.raises(ValueError, match="mfm.domain='target'"):
-    hrda.check_config(c)
+    validation.validate(c)

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from mfm_jax import benchmark
-from mfm_jax.config import lib as config_lib
+from mfm_jax.config import fragments, validation
 from mfm_jax.trainer import state as state_lib
 from mfm_jax.trainer.step import make_update_fn
 
 
 def _config(method="mic", mfm=True, **overrides):
-  c = config_lib.experiment(method, mfm, "synthetic")
+  c = fragments.compose(getattr(fragments, method), *([fragments.mfm] if mfm else []), presets="synthetic")
   c.data.crop_size = (32, 32)
   c.mfm.grid_size = 4
   for key, value in overrides.items():
@@ -22,23 +22,23 @@ def _config(method="mic", mfm=True, **overrides):
     for p in parents:
       node = node[p]
     node[leaf] = value
-  config_lib.validate(c)
+  validation.validate(c)
   return c
 
 
 def _trace(c):
   """Abstract evaluation of one update (no compilation): returns the metric names."""
-  host = state_lib.build_host(c)
+  net = state_lib.build_network(c)
   task = state_lib.build_mfm_task(c)
-  tx = state_lib.build_optimizer(c, host, task)
-  state = state_lib.abstract_train_state(c, host, task, tx)
+  tx = state_lib.build_optimizer(c, net, task)
+  state = state_lib.abstract_train_state(c, net, task, tx)
   b, (h, w) = c.data.batch_size, c.data.crop_size
   batch = dict(source_image=jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32),
                source_label=jax.ShapeDtypeStruct((b, h, w), jnp.int32),
                target_image=jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32),
                target_valid=jax.ShapeDtypeStruct((b, h, w), jnp.float32),
                target_label=jax.ShapeDtypeStruct((b, h, w), jnp.int32))
-  new_state, metrics = jax.eval_shape(make_update_fn(c, host, task, tx), state, batch)
+  new_state, metrics = jax.eval_shape(make_update_fn(c, net, task, tx), state, batch)
   assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
   return set(metrics)
 
@@ -52,7 +52,7 @@ _GRID = [dict(rebuild=r, objective=o, domain=d, freeze=f, levels=lv)
 
 
 def _grid_config(combo, method="dacs"):
-  c = config_lib.experiment(method, True, "synthetic")
+  c = fragments.compose(getattr(fragments, method), fragments.mfm, presets="synthetic")
   c.data.crop_size = (64, 64)  # last MiT level 2×2: a 2×2 token grid
   for k, v in combo.items():
     c.mfm[k] = v
@@ -63,9 +63,9 @@ def _accepted():
   ok, rejected = [], []
   for combo in _GRID:
     try:
-      config_lib.validate(_grid_config(combo))
+      validation.validate(_grid_config(combo))
       ok.append(combo)
-    except config_lib.ConfigError as e:
+    except validation.ConfigError as e:
       rejected.append((combo, str(e)))
   return ok, rejected
 
@@ -83,21 +83,21 @@ def test_ablation_grid_validation_names_the_key():
   assert len(ok) == 2 * (9 + 6 + 6) + 2 * 9  # 42 with the Rebuilder + 18 masking-only
   c = _grid_config(dict(objective="classification"))
   c.uda.enabled = False
-  with pytest.raises(config_lib.ConfigError, match="config.mfm.domain"):
-    config_lib.validate(c)
+  with pytest.raises(validation.ConfigError, match="config.mfm.domain"):
+    validation.validate(c)
   c = _grid_config(dict(mask_strategy="uncertainty", domain="both"))
-  with pytest.raises(config_lib.ConfigError, match="config.mfm.mask_strategy"):
-    config_lib.validate(c)
+  with pytest.raises(validation.ConfigError, match="config.mfm.mask_strategy"):
+    validation.validate(c)
   c = _grid_config(dict(objective="pixel"))
   c.data.crop_size = (64, 96)
   c.mfm.grid_size = 7
-  config_lib.validate(c)  # 2×3 last level → grid 2×3, 64/2 and 96/3 divide
+  validation.validate(c)  # 2×3 last level → grid 2×3, 64/2 and 96/3 divide
   c.data.crop_size = (96, 96)
   c.mfm.grid_size = 2
-  config_lib.validate(c)
+  validation.validate(c)
   c.mfm.grid_size = 100
-  with pytest.raises(config_lib.ConfigError, match="config.mfm.grid_size"):
-    config_lib.validate(c)
+  with pytest.raises(validation.ConfigError, match="config.mfm.grid_size"):
+    validation.validate(c)
 
 
 def _trace_ids():
@@ -122,10 +122,10 @@ def test_mask_strategy_uncertainty_traces():
 def _mfm_grads(combo):
   """Gradients of the MFM term alone w.r.t. {'model', 'rebuilder'} on a random batch."""
   c = _grid_config(combo)  # 64² crops: a 2×2 token grid, so some tokens are masked, some not
-  config_lib.validate(c)
-  host, task = state_lib.build_host(c), state_lib.build_mfm_task(c)
-  tx = state_lib.build_optimizer(c, host, task)
-  st = state_lib.create_train_state(c, host, task, tx)
+  validation.validate(c)
+  net, task = state_lib.build_network(c), state_lib.build_mfm_task(c)
+  tx = state_lib.build_optimizer(c, net, task)
+  st = state_lib.create_train_state(c, net, task, tx)
   rng = np.random.default_rng(0)
   b = 2
   img = jnp.asarray(rng.normal(size=(b, 64, 64, 3)), jnp.float32)
@@ -134,10 +134,10 @@ def _mfm_grads(combo):
   bs = st.batch_stats
 
   def f(params):
-    t_logits, t_feats, _ = host.predict({"params": st.ema_params, "batch_stats": bs}, img,
+    t_logits, t_feats, _ = net.predict({"params": st.ema_params, "batch_stats": bs}, img,
                                         train=True)
-    src_feats, _ = host.encode({"params": params["model"], "batch_stats": bs}, img, train=True)
-    terms, _ = task.terms(params, host, bs, keys=keys,
+    src_feats, _ = net.encode({"params": params["model"], "batch_stats": bs}, img, train=True)
+    terms, _ = task.terms(params, net, bs, keys=keys,
                           target=dict(images=img, labels=lbl, weights=jnp.ones((b, 64, 64)),
                                       teacher_features=t_feats, teacher_logits=t_logits),
                           source=dict(images=img, labels=lbl, features=src_feats,
@@ -179,8 +179,8 @@ def test_host_methods_trace(method, expect, absent):
 
 def test_rebuilder_only_in_training_state():
   c = _config()
-  host, task = state_lib.build_host(c), state_lib.build_mfm_task(c)
-  state = state_lib.abstract_train_state(c, host, task, state_lib.build_optimizer(c, host, task))
+  net, task = state_lib.build_network(c), state_lib.build_mfm_task(c)
+  state = state_lib.abstract_train_state(c, net, task, state_lib.build_optimizer(c, net, task))
   assert set(state.params) == {"model", "rebuilder"}
   assert set(state.ema_params) == {"backbone", "decode_head"}
 
@@ -188,8 +188,8 @@ def test_rebuilder_only_in_training_state():
 @pytest.mark.parametrize("preset", ["mic_mfm_daformer", "mic_mfm_hrda"])
 def test_deployed_network_equal_with_and_without_mfm(preset):
   hrda = preset.endswith("hrda")
-  with_mfm = config_lib.experiment("mic", True, "synthetic", hrda=hrda)
-  without = config_lib.experiment("mic", False, "synthetic", hrda=hrda)
+  with_mfm = fragments.compose(fragments.mic, *([fragments.hrda] if hrda else []), fragments.mfm, presets="synthetic")
+  without = fragments.compose(fragments.mic, *([fragments.hrda] if hrda else []), presets="synthetic")
   a, b = benchmark.deployed_figures(with_mfm), benchmark.deployed_figures(without)
   assert a["tree"] == b["tree"]
   assert a["params"] == b["params"] > 0

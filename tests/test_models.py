@@ -10,11 +10,11 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
 
+from mfm_jax.config import base, validation
 from mfm_jax.models import daformer_head
 from mfm_jax.models import mit
 from mfm_jax.models import segmentor
@@ -24,10 +24,11 @@ _X = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float
 
 
 def _cfg(**kw):
-  base = dict(backbone="mit_tiny", head="daformer_sepaspp", num_classes=19, head_embed_dim=32,
-              head_dropout=0.1, drop_path_rate=0.1, remat=False, compute_dtype="float32")
-  base.update(kw)
-  return ml_collections.ConfigDict(base)
+  """``config.model`` of the schema with a tiny network and ``kw`` overrides."""
+  model = base.base_config().model
+  model.update(dict(backbone="mit_tiny", head="daformer_sepaspp", head_embed_dim=32))
+  model.update(kw)
+  return model
 
 
 def _abstract_init(model, shape=(1, 64, 64, 3)):
@@ -216,9 +217,7 @@ def test_depthwise_shift_formulation_equals_grouped_conv(dilation):
 
 def test_depthwise_impl_same_tree_and_outputs():
   """model.depthwise_impl='shift' gives the same parameters and function (MiT + sep. ASPP)."""
-  cfgs = [ml_collections.ConfigDict(dict(backbone="mit_tiny", head="daformer_sepaspp",
-                                         head_embed_dim=32, depthwise_impl=impl))
-          for impl in ("xla", "shift")]
+  cfgs = [_cfg(depthwise_impl=impl) for impl in ("xla", "shift")]
   models = [segmentor.build_segmentor(c) for c in cfgs]
   x = _X[:, :32, :32]
   variables = jax.jit(lambda: models[0].init(jax.random.key(0), x, train=False))()
@@ -227,9 +226,10 @@ def test_depthwise_impl_same_tree_and_outputs():
                                                                       train=False))))
   a, b = (jax.jit(lambda v, m=m: m.apply(v, x, train=False))(variables) for m in models)
   np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  cfgs[1].depthwise_impl = "fft"
-  with pytest.raises(ValueError, match="model.depthwise_impl"):
-    segmentor.build_segmentor(cfgs[1])
+  c = base.base_config()
+  c.model.depthwise_impl = "fft"
+  with pytest.raises(validation.ConfigError, match="model.depthwise_impl"):
+    validation.validate(c)
 
 
 def test_bfloat16_compute_keeps_float32_params():
@@ -295,13 +295,15 @@ def test_mix_ffn_matches_numpy_with_erf_gelu():
 
 # ---------------------------------------------------------------- builders
 
-def test_builder_errors_name_key_and_choices():
-  with pytest.raises(ValueError, match=r"model\.backbone 'mit_b9'.*mit_b5"):
-    segmentor.build_segmentor(_cfg(backbone="mit_b9"))
-  with pytest.raises(ValueError, match=r"model\.head 'segformer'.*daformer_sepaspp"):
-    segmentor.build_segmentor(_cfg(head="segformer"))
-  with pytest.raises(ValueError, match="compute_dtype 'float16'"):
-    segmentor.build_segmentor(_cfg(compute_dtype="float16"))
+def test_model_config_errors_name_key_and_choices():
+  """Bad model names are config errors, raised by validation before anything is built."""
+  for key, value, match in (("backbone", "mit_b9", r"model\.backbone='mit_b9'.*mit_b5"),
+                            ("head", "segformer", r"model\.head='segformer'.*daformer_sepaspp"),
+                            ("compute_dtype", "float16", r"compute_dtype='float16'")):
+    c = base.base_config()
+    c.model[key] = value
+    with pytest.raises(validation.ConfigError, match=match):
+      validation.validate(c)
   with pytest.raises(ValueError, match="fusion 'x'"):
     daformer_head.DAFormerHead(19, fusion="x").init(
         jax.random.key(0), [jnp.zeros((1, 2, 2, 4))] * 4, train=False)

@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from mfm_jax.config import lib as config_lib
+from mfm_jax.config import base
 from mfm_jax.data import builders, pipeline
 from mfm_jax.data import rcs as rcs_lib
 
@@ -45,7 +45,7 @@ def data_dir(tmp_path_factory):
 
 
 def data_config(data_dir, **overrides):
-  c = config_lib.base_config().data
+  c = base.base_config().data
   c.data_dir = data_dir
   c.source_scale, c.target_scale, c.test_scale = (64, 36), (64, 32), (64, 32)
   c.crop_size = (24, 24)

@@ -15,7 +15,7 @@ import PIL.Image
 import pytest
 
 from mfm_jax import evaluate, predict
-from mfm_jax.config import lib as config_lib
+from mfm_jax.config import fragments
 from mfm_jax.evaluation import inference
 from mfm_jax.trainer import loop
 from mfm_jax.trainer import state as state_lib
@@ -28,7 +28,7 @@ SIZES = {"a.png": (96, 192), "sub/b.jpg": (50, 70), "sub/deeper/c.png": (120, 90
 
 def _config(data_dir):
   """configs/source_only.py:synthetic (MiT + DAFormer head) on a tiny split, one device."""
-  c = config_lib.experiment("source_only", False, "synthetic")
+  c = fragments.compose(fragments.source_only, presets="synthetic")
   c.data.synthetic.num_source, c.data.synthetic.num_target, c.data.synthetic.num_val = 8, 4, 2
   c.data.data_dir = data_dir
   c.data.crop_size = (32, 32)
@@ -158,7 +158,7 @@ def test_cli_exit_status_and_summary(trained, images, tmp_path):
 
 
 class _StrideHost:
-  """Fake host whose network only takes multiples of 32 (as HRDA's window grid) and whose
+  """Fake network whose network only takes multiples of 32 (as HRDA's window grid) and whose
   logits at a pixel depend on that pixel only, so padding + cropping must be exact."""
 
   def predict(self, variables, x, train=False):
@@ -169,7 +169,7 @@ class _StrideHost:
 
 
 def test_padding_to_the_window_grid_is_cropped_back():
-  config = config_lib.experiment("source_only", False, "synthetic")
+  config = fragments.compose(fragments.source_only, presets="synthetic")
   config.model.num_classes = 3
   x = np.random.default_rng(0).normal(size=(2, 61, 97, 3)).astype(np.float32)
   pred = np.asarray(inference.make_predict_fn(config, _StrideHost(), pad_multiple=32)(
@@ -181,13 +181,14 @@ def test_padding_to_the_window_grid_is_cropped_back():
 
 
 def test_hrda_odd_image_size():
-  """The real HRDA host on an odd size (random weights: shapes only)."""
-  config = config_lib.experiment("mic", True, "synthetic", hrda=True)
-  host = state_lib.build_host(config)
+  """The real HRDA network on an odd size (random weights: shapes only)."""
+  config = fragments.compose(fragments.mic, fragments.hrda, fragments.mfm, presets="synthetic")
+  net = state_lib.build_network(config)
   rng = np.random.default_rng(0)
-  abstract = evaluate._abstract_variables(config, host)  # pylint: disable=protected-access
+  shapes = state_lib.abstract_variables(config, net)
+  abstract = {"params": shapes["params"]["model"], "batch_stats": shapes["batch_stats"]}
   v = jax.tree.map(lambda s: np.abs(rng.normal(size=s.shape)).astype(np.float32) * 0.1, abstract)
-  fn = inference.make_predict_fn(config, host, pad_multiple=predict.HRDA_PAD_MULTIPLE)
+  fn = inference.make_predict_fn(config, net, pad_multiple=predict.HRDA_PAD_MULTIPLE)
   x = rng.normal(size=(1, 61, 97, 3)).astype(np.float32)
   pred = np.asarray(fn(v, x, (61, 97)))
   assert pred.shape == (1, 61, 97) and 0 <= pred.min() and pred.max() < 19

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mfm_jax.trainer import checkpoint
-from mfm_jax.config import lib as config_lib
+from mfm_jax.config import base, fragments
 from mfm_jax.trainer import state as state_lib
 from mfm_jax.convert import mapping, rebuilder_mapping
 from mfm_jax.models import rebuilder, segmentor
@@ -60,7 +60,7 @@ def test_sincos_table_row_half_first_sin_then_cos():
     (1024, (256, 128, 64, 32), (16, 16), (4, 3, 2, 1)),  # non-HRDA 1024 crop
 ])
 def test_crop_size_rule(crop, levels, grid, steps):
-  cfg = config_lib.base_config().model
+  cfg = base.base_config().model
   cfg.backbone = "mit_b5"
   sizes = segmentor.level_sizes(cfg, (crop, crop))
   assert [s[0] for s in sizes] == list(levels)
@@ -77,7 +77,7 @@ def test_crop_size_rule(crop, levels, grid, steps):
 
 
 def test_level_sizes_match_the_encoders():
-  cfg = config_lib.base_config().model
+  cfg = base.base_config().model
   for backbone in ("mit_tiny", "resnet50_v1c", "resnet50"):
     cfg.backbone = backbone
     enc = segmentor.build_backbone(cfg)
@@ -257,9 +257,9 @@ def test_convert_is_strict_and_names_keys(tmp_path):
 
 def test_convert_cli_and_init_from(tmp_path):
   """`python -m mfm_jax.convert --arch=rebuilder_daformer`, then a run starts from it."""
-  c = config_lib.experiment("mic", True, "synthetic")
+  c = fragments.compose(fragments.mic, fragments.mfm, presets="synthetic")
   c.data.crop_size = (64, 64)
-  host, task = state_lib.build_host(c), state_lib.build_mfm_task(c)
+  net, task = state_lib.build_network(c), state_lib.build_mfm_task(c)
   # A torch Rebuilder with the synthetic config's sizes (mit_tiny, embed 64, grid 2).
   channels = tuple(segmentor.feature_channels(c.model))
   sizes = [s[0] for s in task.level_sizes]
@@ -275,8 +275,8 @@ def test_convert_cli_and_init_from(tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   assert "parameters:" in r.stdout
   c.mfm.init_from = str(out)
-  tx = state_lib.build_optimizer(c, host, task)
-  st = state_lib.create_train_state(c, host, task, tx)
+  tx = state_lib.build_optimizer(c, net, task)
+  st = state_lib.create_train_state(c, net, task, tx)
   loaded = checkpoint.load_params(str(out), subtree=("params", "rebuilder"))
   for a, b in zip(jax.tree_util.tree_leaves(st.params["rebuilder"]),
                   jax.tree_util.tree_leaves(loaded)):

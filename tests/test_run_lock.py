@@ -62,10 +62,10 @@ def test_second_run_is_refused_naming_the_owner_then_stale_lock_is_taken_over(ho
 
 
 def test_training_refuses_a_locked_workdir_before_writing(holder):
-  from mfm_jax.config import lib as config_lib  # pylint: disable=g-import-not-at-top
+  from mfm_jax.config import fragments  # pylint: disable=g-import-not-at-top
   from mfm_jax.trainer import loop
   work, proc = holder
-  config = config_lib.experiment("source_only", False, "synthetic")
+  config = fragments.compose(fragments.source_only, presets="synthetic")
   with pytest.raises(run_lock.WorkdirLockedError, match=f"pid {proc.pid}"):
     loop.train_and_evaluate(config, work)
   assert sorted(os.listdir(work)) == [run_lock.LOCK_NAME]  # no config.json, metrics, data

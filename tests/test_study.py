@@ -10,7 +10,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from mfm_jax.config import lib as config_lib
+from mfm_jax.config import fragments, validation
 from mfm_jax.study import cli, grids, plots, results, runner
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -82,7 +82,7 @@ def _parse_like_main(cmd):
 def test_every_run_validates_and_its_command_gives_the_same_config(study, tmp_path):
   for run in grids.study_runs(study, seeds=[0, 3]):
     config = runner.build_config(run)
-    config_lib.validate(config)
+    validation.validate(config)
     assert config.seed == run.seed
     for key, value in run.overrides:
       assert runner.get_key(config, key) == value
@@ -105,8 +105,8 @@ _MIOU = {("a", 0): 40.0, ("b", 0): 41.0, ("a", 1): 42.0, ("b", 1): 45.5}
 
 
 def _tiny_rows():
-  return [grids.Row("a", "host", _TINY_CFG, sweep=("mask ratio", 0.0)),
-          grids.Row("b", "host+MFM", _TINY_CFG, (("mfm.mask_ratio", 0.5),), baseline="host",
+  return [grids.Row("a", "net", _TINY_CFG, sweep=("mask ratio", 0.0)),
+          grids.Row("b", "net+MFM", _TINY_CFG, (("mfm.mask_ratio", 0.5),), baseline="net",
                     sweep=("mask ratio", 0.5))]
 
 
@@ -211,17 +211,17 @@ def test_mean_std_and_paired_differences():
   assert results.mean_std([1.0, 2.0, 6.0]) == (3.0, pytest.approx(math.sqrt(7.0)))
   m, s = results.mean_std([5.0])
   assert m == 5.0 and math.isnan(s)
-  rows = [grids.Row("h", "host", _TINY_CFG), grids.Row("m", "host+MFM", _TINY_CFG,
-                                                       baseline="host")]
+  rows = [grids.Row("h", "net", _TINY_CFG), grids.Row("m", "net+MFM", _TINY_CFG,
+                                                       baseline="net")]
   runs = grids.expand(rows, [0, 1, 2])
-  miou = {("host", 0): 40.0, ("host", 1): 42.0, ("host", 2): 44.0,
-          ("host+MFM", 0): 41.0, ("host+MFM", 1): 45.0, ("host+MFM", 2): math.nan}
+  miou = {("net", 0): 40.0, ("net", 1): 42.0, ("net", 2): 44.0,
+          ("net+MFM", 0): 41.0, ("net+MFM", 1): 45.0, ("net+MFM", 2): math.nan}
   records = [{"method": r.row.label, "seed": r.seed, "mIoU": miou[r.row.label, r.seed],
               "status": "pending" if r.name == "m-s2" else "finished"} for r in runs]
   summary = {row["method"]: row for row in results.summarize(records)}
-  assert summary["host"]["n"] == 3 and summary["host"]["mean"] == pytest.approx(42.0)
-  assert summary["host"]["std"] == pytest.approx(2.0)
-  assert summary["host+MFM"]["n"] == 2 and summary["host+MFM"]["planned"] == 3
+  assert summary["net"]["n"] == 3 and summary["net"]["mean"] == pytest.approx(42.0)
+  assert summary["net"]["std"] == pytest.approx(2.0)
+  assert summary["net+MFM"]["n"] == 2 and summary["net+MFM"]["planned"] == 3
   (diff,) = results.paired_differences(records, runs)
   assert diff["by_seed"] == {0: 1.0, 1: 3.0}  # seed 2 lacks the MFM run
   assert diff["mean"] == pytest.approx(2.0) and diff["std"] == pytest.approx(math.sqrt(2.0))
@@ -245,8 +245,8 @@ def test_tables_and_figures_are_written(tiny_study, tmp_path):
   assert diff["mean"] == pytest.approx(2.25) and diff["by_seed"] == {"0": 1.0, "1": 3.5}
   assert doc["runs"][0]["per_class"]["wall"] is None
   md = open(os.path.join(out, "summary.md")).read()
-  assert "| host+MFM | 2/2 | 43.25 ± 3.18 |" in md
-  assert "| host+MFM − host | 2 | +2.25 ± 1.77 |" in md
+  assert "| net+MFM | 2/2 | 43.25 ± 3.18 |" in md
+  assert "| net+MFM − net | 2 | +2.25 ± 1.77 |" in md
   for name in ("methods.png", "sweep.png", "curves.png"):
     with open(os.path.join(out, name), "rb") as f:
       assert f.read(8) == PNG_MAGIC, name
@@ -323,10 +323,10 @@ def test_pc1_and_masked_cosine():
 
 def test_latent_figure_on_a_one_step_mfm_run(tmp_path):
   """A one-step DACS+MFM run: the figure is written, visible cells are the encoder's own."""
-  from mfm_jax.config import lib as config_lib  # pylint: disable=g-import-not-at-top
+  from mfm_jax.config import fragments  # pylint: disable=g-import-not-at-top
   from mfm_jax.trainer import loop
   from mfm_jax.study import latent  # pylint: disable=g-import-not-at-top
-  c = config_lib.experiment("dacs", True, "synthetic")
+  c = fragments.compose(fragments.dacs, fragments.mfm, presets="synthetic")
   c.data.synthetic.num_source, c.data.synthetic.num_target, c.data.synthetic.num_val = 8, 4, 2
   c.data.data_dir = str(tmp_path / "data")
   c.mesh.data = 1

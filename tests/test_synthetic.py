@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from mfm_jax.config import lib as config_lib
+from mfm_jax.config import base
 from mfm_jax.data import builders
 from mfm_jax.data import labels
 from mfm_jax.data import synthetic
@@ -121,7 +121,7 @@ def test_generation_speed(tmp_path):
 
 
 def test_ensure_synthetic_prepares_through_builders(tmp_path):
-  cfg = config_lib.base_config().data
+  cfg = base.base_config().data
   cfg.data_dir = str(tmp_path / "tfds")
   s = cfg.synthetic
   s.num_source, s.num_target, s.num_val, s.width, s.height = 5, 4, 3, 64, 32

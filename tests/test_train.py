@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from mfm_jax.trainer import checkpoint
-from mfm_jax.config import lib as config_lib
+from mfm_jax.config import fragments
 from mfm_jax.trainer import loop
 
 
 def small_config(**overrides):
-  c = config_lib.experiment("mic", True, "synthetic")
+  c = fragments.compose(fragments.mic, fragments.mfm, presets="synthetic")
   c.data.synthetic.num_source = 12
   c.data.synthetic.num_target = 8
   c.data.synthetic.num_val = 4
@@ -156,7 +156,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, data_dir, monkeypa
     loop.train_and_evaluate(small_config(**{"data.data_dir": data_dir, "log_every": 100}),
                              work)
   assert err.value.exit_code == 3
-  ckpt = checkpoint.Checkpointer(os.path.join(work, "checkpoints"))
+  ckpt = checkpoint.Checkpointer(os.path.join(work, "checkpoints"), keep=3)
   assert ckpt.latest_step() == 2
   params = _params(work, 2)
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
@@ -193,7 +193,7 @@ def test_signal_stops_within_one_step_with_a_checkpoint(tmp_path, data_dir, monk
   cfg = small_config(**{"data.data_dir": data_dir, "log_every": 50, "checkpoint_every": 100})
   out = loop.train_and_evaluate(cfg, work)
   assert out == {"stopped_at": 3, "preempted": sig, "saved": True}
-  assert checkpoint.Checkpointer(os.path.join(work, "checkpoints")).all_steps() == [3]
+  assert checkpoint.Checkpointer(os.path.join(work, "checkpoints"), keep=3).all_steps() == [3]
   assert not os.path.exists(os.path.join(work, "run.lock"))
 
 
@@ -217,7 +217,7 @@ def test_signal_during_compilation_exits_without_saving(tmp_path, data_dir, monk
   out = loop.train_and_evaluate(small_config(**{"data.data_dir": data_dir}), work)
   assert out == {"stopped_at": 0, "preempted": "SIGTERM", "saved": False}
   assert time.time() - t0 < 120
-  assert checkpoint.Checkpointer(os.path.join(work, "checkpoints")).all_steps() == []
+  assert checkpoint.Checkpointer(os.path.join(work, "checkpoints"), keep=3).all_steps() == []
 
 
 def test_failed_save_stops_the_run_at_once(tmp_path, data_dir, monkeypatch):
@@ -247,7 +247,7 @@ def test_failed_save_stops_the_run_at_once(tmp_path, data_dir, monkeypatch):
 
 def test_hrda_mic_mfm_synthetic_trains(tmp_path, data_dir):
   """configs/mic_mfm.py (MIC(HRDA) + MFM) trains end to end on the synthetic preset."""
-  c = config_lib.experiment("mic", True, "synthetic", hrda=True)
+  c = fragments.compose(fragments.mic, fragments.hrda, fragments.mfm, presets="synthetic")
   assert c.model.hrda.enabled and c.mfm.enabled and c.uda.mic.enabled
   c.data.data_dir = data_dir
   c.data.synthetic.num_source, c.data.synthetic.num_target = 12, 8

@@ -28,7 +28,7 @@ import grain
 import numpy as np
 import PIL.Image
 
-from mfm_jax.config import lib as config_lib
+from mfm_jax.config import base
 from mfm_jax.data import builders
 from mfm_jax.data import pipeline
 
@@ -100,7 +100,7 @@ def benchmark(data_dir: str, workers: int, num_batches: int, *, batch_size: int 
               target_scale: tuple[int, int] = (1280, 720),
               rcs_min_pixels: int = 3000) -> dict[str, float]:
   """Start-up seconds and steady-state rates of one worker count on ``data_dir``'s gta5."""
-  cfg = config_lib.base_config().data
+  cfg = base.base_config().data
   cfg.data_dir = data_dir
   cfg.source = cfg.target = "gta5"
   cfg.source_scale, cfg.target_scale = tuple(source_scale), tuple(target_scale)

@@ -79,9 +79,9 @@ def main(argv):
   data_dir = os.path.abspath(os.path.expanduser(_DATA_DIR.value))
   start = time.time()
   if _DATASET.value == "synthetic":
-    from mfm_jax.config import lib as config_lib  # pylint: disable=g-import-not-at-top
+    from mfm_jax.config import base  # pylint: disable=g-import-not-at-top
     from mfm_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    cfg = config_lib.base_config().data
+    cfg = base.base_config().data
     cfg.data_dir, cfg.raw_dir = data_dir, _RAW_DIR.value
     s = cfg.synthetic
     s.seed = _SYN_SEED.value

@@ -1,9 +1,9 @@
-"""Inference for evaluation: 'whole' and 'slide' modes on top of a ``SegmentationHost``.
+"""Inference for evaluation: 'whole' and 'slide' modes on top of a ``SegmentationNetwork``.
 
 Reference (uda_reference.md §4): DAFormer evaluates 'whole' images at the test scale with
 logits bilinearly resized to the full-resolution label; HRDA / MIC(HRDA) use 'slide' windows
 (crop 1024, stride 512) whose logits are averaged by a count map. Prediction = argmax after the
-resize. Confusion matrices are summed on the host (float-exact integers).
+resize. Confusion matrices are summed on the net (float-exact integers).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import numpy as np
 from absl import logging
 
 from mfm_jax import ops
-from mfm_jax.evaluation import metrics
+from mfm_jax.evaluation import metrics, sliding
 from mfm_jax.runtime import progress as progress_lib
 from mfm_jax.data import labels as labels_lib
 
 
-def make_predict_fn(config: ml_collections.ConfigDict, host, *,
+def make_predict_fn(config: ml_collections.ConfigDict, net, *,
                     pad_multiple: int = 1) -> Callable[..., jax.Array]:
   """Returns jitted ``predict(variables, image [B,h,w,3], label_size) -> int32 [B,H,W]``.
 
@@ -35,7 +35,7 @@ def make_predict_fn(config: ml_collections.ConfigDict, host, *,
   k = config.model.num_classes
 
   def logits_fn(variables, x):
-    logits, _, _ = host.predict(variables, x, train=False)
+    logits, _, _ = net.predict(variables, x, train=False)
     return logits
 
   def predict(variables, image, label_size):
@@ -44,7 +44,7 @@ def make_predict_fn(config: ml_collections.ConfigDict, host, *,
     if ph or pw:
       image = jnp.pad(image, ((0, 0), (0, ph), (0, pw), (0, 0)))
     if mode == "slide":
-      logits = metrics.slide_inference(
+      logits = sliding.slide_inference(
           lambda x: logits_fn(variables, x), image, tuple(config.eval.crop_size),
           tuple(config.eval.stride), k)
     else:
@@ -56,17 +56,17 @@ def make_predict_fn(config: ml_collections.ConfigDict, host, *,
   return jax.jit(predict, static_argnums=(2,))
 
 
-def evaluate(config: ml_collections.ConfigDict, host, variables: dict[str, Any],
+def evaluate(config: ml_collections.ConfigDict, net, variables: dict[str, Any],
              batches: Iterable[dict[str, np.ndarray]], predict_fn=None, *,
              on_batch: Callable[[dict[str, np.ndarray], np.ndarray], Any] | None = None,
              show_progress: bool = True) -> dict[str, Any]:
   """mIoU report (19 classes + SYNTHIA 16/13 protocols) of ``variables`` on ``batches``.
 
-  ``on_batch(batch, prediction)`` sees every batch with its host prediction (e.g. to keep a
+  ``on_batch(batch, prediction)`` sees every batch with its net prediction (e.g. to keep a
   few for pictures). With ``show_progress`` (and a sized ``batches``) the images done, the rate
   and the ETA are shown (a live line on a terminal, otherwise every 25 %).
   """
-  predict_fn = predict_fn or make_predict_fn(config, host)
+  predict_fn = predict_fn or make_predict_fn(config, net)
   conf = np.zeros((config.model.num_classes,) * 2, np.int64)
   count = 0
   total = len(batches) if hasattr(batches, "__len__") else 0

@@ -1,13 +1,9 @@
-"""Model-agnostic semantic-segmentation evaluation: confusion matrices, mIoU tables, inference.
+"""Model-agnostic semantic-segmentation metrics: confusion matrices, mIoU tables, Evaluator.
 
 Metric as mmseg ``eval_metrics`` (uda_reference.md §4): intersection and union per class are
 accumulated over the whole validation set (255 = ignore), IoU_c = I_c / U_c, mIoU = nanmean
 over the 19 classes. Synthia→Cityscapes is also reported on the 16- and 13-class protocols.
-
-Inference follows mmseg's ``EncoderDecoder``: ``whole`` resizes the logits to the input size
-and then to the label size (bilinear, align_corners=False) before the argmax (DAFormer);
-``slide`` runs overlapping windows (HRDA/MIC: crop 1024, stride 512 on 2048×1024), resizes each
-window's logits to the window and averages them with a count map.
+Whole-image and sliding-window inference are in ``mfm_jax.evaluation.sliding``.
 """
 
 from __future__ import annotations
@@ -22,9 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mfm_jax.data.labels import CLASSES, NUM_CLASSES, SYNTHIA13_CLASSES, SYNTHIA16_CLASSES
-from mfm_jax.ops import IGNORE_INDEX, resize_bilinear
+from mfm_jax.ops import IGNORE_INDEX
 
-LogitsFn = Callable[[jax.Array], jax.Array]
 
 
 def confusion_matrix(pred: jax.Array, label: jax.Array,
@@ -121,84 +116,6 @@ def format_report(report: Mapping[str, Any]) -> str:
   summary.append(f"pixels {report['num_pixels']}")
   lines.append(" | ".join(summary))
   return "\n".join(lines)
-
-
-def whole_inference(logits_fn: LogitsFn, images: jax.Array,
-                    out_size: tuple[int, int]) -> jax.Array:
-  """Logits ``[B, *out_size, K]`` of the whole image (mmseg 'whole' mode).
-
-  ``logits_fn(images)`` may return any stride; as in mmseg the logits are first resized to
-  the input size (``encode_decode``) and then to ``out_size`` (the label size).
-  """
-  logits = logits_fn(images).astype(jnp.float32)
-  logits = resize_bilinear(logits, tuple(images.shape[1:3]))
-  return resize_bilinear(logits, tuple(out_size))
-
-
-def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
-  h, w = (v, v) if isinstance(v, int) else tuple(v)
-  if h <= 0 or w <= 0:
-    raise ValueError(f"slide inference: {name} must be positive, got {v}")
-  return int(h), int(w)
-
-
-def slide_windows(height: int, width: int, crop: int | Sequence[int],
-                  stride: int | Sequence[int]) -> list[tuple[int, int, int, int]]:
-  """mmseg ``slide_inference`` windows ``(y1, y2, x1, x2)``, clamped inside the image.
-
-  ``h_grids = max(H − crop_h + stride_h − 1, 0) // stride_h + 1``; the last window is moved
-  back so that it ends at the border, so every window has size ``min(crop, image)``.
-  """
-  (ch, cw), (sh, sw) = _pair(crop, "crop"), _pair(stride, "stride")
-  h_grids = max(height - ch + sh - 1, 0) // sh + 1
-  w_grids = max(width - cw + sw - 1, 0) // sw + 1
-  windows = []
-  for i in range(h_grids):
-    for j in range(w_grids):
-      y1 = max(min(i * sh, height - ch), 0)
-      x1 = max(min(j * sw, width - cw), 0)
-      windows.append((y1, min(y1 + ch, height), x1, min(x1 + cw, width)))
-  return windows
-
-
-def slide_count_map(height: int, width: int, crop: int | Sequence[int],
-                    stride: int | Sequence[int]) -> np.ndarray:
-  """How many windows cover each pixel (``float32 [H, W]``)."""
-  count = np.zeros((height, width), np.float32)
-  for y1, y2, x1, x2 in slide_windows(height, width, crop, stride):
-    count[y1:y2, x1:x2] += 1
-  return count
-
-
-def slide_inference(logits_fn: LogitsFn, images: jax.Array, crop: int | Sequence[int],
-                    stride: int | Sequence[int], num_classes: int, *,
-                    out_size: tuple[int, int] | None = None,
-                    batch_windows: bool = True) -> jax.Array:
-  """Window-averaged logits ``[B, H, W, K]`` (or ``out_size``) — mmseg 'slide' mode.
-
-  Each window's logits (any stride) are bilinearly resized to the window and accumulated;
-  the sum is divided by the count map. ``batch_windows`` stacks all windows on the batch axis
-  for one ``logits_fn`` call (HRDA's ``batched_slide``); otherwise windows run one at a time.
-  """
-  b, h, w, _ = images.shape
-  windows = slide_windows(h, w, crop, stride)
-  count = slide_count_map(h, w, crop, stride)
-  if count.min() < 1:  # Cannot happen with the clamped grid; guards future edits.
-    raise AssertionError(f"slide windows leave pixels uncovered for {h}x{w}, crop {crop}")
-  crops = [images[:, y1:y2, x1:x2] for y1, y2, x1, x2 in windows]
-  if batch_windows:
-    outs = jnp.split(logits_fn(jnp.concatenate(crops, axis=0)), len(windows), axis=0)
-  else:
-    outs = [logits_fn(c) for c in crops]
-  preds = jnp.zeros((b, h, w, num_classes), jnp.float32)
-  for (y1, y2, x1, x2), out in zip(windows, outs):
-    if out.shape[-1] != num_classes:
-      raise ValueError(f"slide_inference: logits_fn returned {out.shape[-1]} channels, "
-                       f"expected num_classes={num_classes}")
-    out = resize_bilinear(out.astype(jnp.float32), (y2 - y1, x2 - x1))
-    preds = preds.at[:, y1:y2, x1:x2].add(out)
-  preds = preds / jnp.asarray(count)[None, :, :, None]
-  return preds if out_size is None else resize_bilinear(preds, tuple(out_size))
 
 
 class Evaluator:

@@ -1,4 +1,4 @@
-"""HRDA host: multi-resolution training loss and inference behind the ``SegmentationHost`` API.
+"""HRDA network: multi-resolution training loss and inference behind the ``SegmentationNetwork`` API.
 
 Reference: ``MIC:seg/mmseg/models/segmentors/hrda_encoder_decoder.py`` and
 ``decode_heads/hrda_head.py`` (uda_reference.md §1.4, §2.2, §2.6b).
@@ -20,9 +20,9 @@ forward (the reference's batched windows: the teacher's train-mode BatchNorm see
 together), window logits averaged by a count map; fusion without masking; logits bilinearly
 resized to the input size.
 
-MFM (OURS, the paper is silent on HRDA): ``encode`` / ``decode_loss`` work on the context
-features by default (``model.hrda.mfm_features='context'``): ``encode(images)`` encodes the ×0.5
-image and ``decode_loss`` decodes them with the shared head and takes the CE against the
+MFM (OURS, the paper is silent on HRDA): ``mfm_encode`` / ``mfm_decode_loss`` work on the context
+features by default (``model.hrda.mfm_features='context'``): ``mfm_encode(images)`` encodes the
+×0.5 image and ``mfm_decode_loss`` decodes them with the shared head and takes the CE against the
 full-size labels (the CE helper resizes the logits). With ``'detail'`` both use the
 deterministic centre detail crop (offset ⌊margin/2⌋ rounded down to a multiple of
 crop_coord_divisible), so features and labels agree without sharing a key between the two calls.
@@ -31,7 +31,7 @@ crop_coord_divisible), so features and labels agree without sharing a key betwee
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,15 +39,15 @@ import ml_collections
 import numpy as np
 
 from mfm_jax import ops
-from mfm_jax.evaluation import metrics
-from mfm_jax.models.network import SegmentationHost
+from mfm_jax.evaluation import sliding
+from mfm_jax.models.network import SegmentationNetwork
 from mfm_jax.models import daformer_head
 from mfm_jax.models import segmentor as segmentor_lib
 from mfm_jax.models.hrda_head import HRDAHead, HRDASegmentor, fuse, lr_size
 from mfm_jax.uda import losses
 
 Variables = dict[str, Any]
-Window = tuple[int, int, int, int]  # (y1, y2, x1, x2)
+Window = sliding.Window
 
 # Output stride of the DAFormer head (stride-4 logits, §1.2); HRDA's LR box divisor is
 # os / lr_scale = 8 (§1.4 "attention masking").
@@ -96,7 +96,7 @@ def detail_boxes(y1, x1, crop_size: Sequence[int], output_stride: int, lr_scale:
 def slide_boxes(height: int, width: int, crop: Sequence[int], stride: Sequence[int],
                 output_stride: int) -> tuple[list[Window], list[Window]]:
   """HR sliding windows in pixels (mmseg slide grid, clamped) and in logit coordinates."""
-  windows = metrics.slide_windows(height, width, tuple(crop), tuple(stride))
+  windows = sliding.slide_windows(height, width, tuple(crop), tuple(stride))
   out = []
   for win in windows:
     if any(v % output_stride for v in win):
@@ -108,31 +108,18 @@ def slide_boxes(height: int, width: int, crop: Sequence[int], stride: Sequence[i
   return windows, out
 
 
-def window_count_map(boxes: Sequence[Window], size: Sequence[int]) -> np.ndarray:
-  """How many windows cover each cell of a ``size`` map (float32 [h, w])."""
-  count = np.zeros(tuple(size), np.float32)
-  for y1, y2, x1, x2 in boxes:
-    count[y1:y2, x1:x2] += 1
-  return count
-
-
 def merge_windows(window_logits: jax.Array, boxes: Sequence[Window], batch: int,
                   size: Sequence[int]) -> jax.Array:
   """Averages window logits (window-major on axis 0) into a ``[batch, *size, K]`` map."""
-  k = window_logits.shape[-1]
-  count = window_count_map(boxes, size)
-  if count.min() < 1:
-    raise ValueError(f"mfm_jax/models/hrda.py: HR slide windows {list(boxes)} leave cells of the "
-                     f"{tuple(size)} logit map uncovered (hr_slide_stride > hr_crop_size?).")
-  preds = jnp.zeros((batch, size[0], size[1], k), jnp.float32)
+  wins = []
   for i, (y1, y2, x1, x2) in enumerate(boxes):
-    win = window_logits[i * batch:(i + 1) * batch].astype(jnp.float32)
+    win = window_logits[i * batch:(i + 1) * batch]
     if win.shape[1:3] != (y2 - y1, x2 - x1):
-      raise ValueError(f"mfm_jax/models/hrda.py: window logits {win.shape[1:3]} do not fill the box "
-                       f"{(y1, y2, x1, x2)} (encoder/head output stride is not "
+      raise ValueError(f"mfm_jax/models/hrda.py: window logits {win.shape[1:3]} do not fill the "
+                       f"box {(y1, y2, x1, x2)} (encoder/head output stride is not "
                        f"{HEAD_OUTPUT_STRIDE}?).")
-    preds = preds.at[:, y1:y2, x1:x2].add(win)
-  return preds / jnp.asarray(count)[None, :, :, None]
+    wins.append(win)
+  return sliding.average_windows(wins, boxes, batch, size)
 
 
 def _crop(x: jax.Array | None, y1, x1, size: Sequence[int]) -> jax.Array | None:
@@ -145,30 +132,22 @@ def _crop(x: jax.Array | None, y1, x1, size: Sequence[int]) -> jax.Array | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class HRDAHost(SegmentationHost):
-  """``SegmentationHost`` for ``HRDASegmentor`` (see the module docstring)."""
+class HRDANetwork(SegmentationNetwork):
+  """``SegmentationNetwork`` for ``HRDASegmentor`` (see the module docstring)."""
 
+  # Values come from config.model.hrda (defaults and sources in mfm_jax/config/base.py).
   model: HRDASegmentor
-  hr_crop_size: tuple[int, int] = (512, 512)  # §1.4 hr_crop_size
-  crop_coord_divisible: int = 8  # §1.4, = os / lr_scale
-  hr_loss_weight: float = 0.1  # λ_d; fused loss weight 1 − λ_d = 0.9
-  hr_slide_inference: bool = True
-  hr_slide_stride: tuple[int, int] = (256, 256)  # hr_slide_overlapping → crop / 2
-  mfm_features: str = "context"
+  hr_crop_size: tuple[int, int]
+  crop_coord_divisible: int
+  hr_loss_weight: float  # λ_d; fused loss weight 1 − λ_d
+  hr_slide_inference: bool
+  hr_slide_stride: tuple[int, int]
+  mfm_features: str  # 'context' | 'detail'
+  decode_method: ClassVar[str] = "decode_single"  # the shared single-scale head
 
   @property
   def lr_scale(self) -> float:
     return self.model.lr_scale
-
-  def _run(self, variables, *args, method, train, deterministic, rng):
-    rngs = {"dropout": rng} if (rng is not None and not deterministic) else {}
-    mutable = ["batch_stats"] if (train and variables.get("batch_stats")) else False
-    out = self.model.apply(variables, *args, train=train, deterministic=deterministic,
-                           method=method, rngs=rngs, mutable=mutable)
-    if mutable:
-      out, updates = out
-      return out, updates.get("batch_stats", {})
-    return out, variables.get("batch_stats")
 
   def _check_image(self, images: jax.Array) -> tuple[int, int]:
     h, w = images.shape[1:3]
@@ -185,35 +164,29 @@ class HRDAHost(SegmentationHost):
     return centre_offsets(images_or_labels.shape[1:3], self.hr_crop_size,
                           self.crop_coord_divisible)
 
-  # ---------------------------------------------------------------- SegmentationHost API
+  # ---------------------------------------------------------------- SegmentationNetwork API
 
-  def encode(self, variables: Variables, images: jax.Array, *, train: bool = True,
-             deterministic: bool | None = None, rng=None):
+  def mfm_encode(self, variables: Variables, images: jax.Array, *, train: bool = True,
+                 deterministic: bool | None = None, rng=None):
     """MFM features → (features, batch_stats): the ×0.5 context image's features, or (with
-    mfm_features='detail') the centre detail crop's (the crop ``decode_loss`` labels use)."""
+    mfm_features='detail') the centre detail crop's (the crop ``mfm_decode_loss`` labels use)."""
     deterministic = (not train) if deterministic is None else deterministic
     if self.mfm_features == "detail":
       self._check_image(images)
       x = _crop(images, *self._centre(images), self.hr_crop_size)
     else:
       x = self._lr_image(images)
-    return self._run(variables, x, method="encode", train=train, deterministic=deterministic,
+    return self.apply(variables, x, method="encode", train=train, deterministic=deterministic,
                      rng=rng)
 
   def fd_encode(self, variables: Variables, images: jax.Array, *, train: bool = False):
     """Context (LR) features for the ImageNet feature distance (feature_scale 0.5, §1.4),
     whatever ``mfm_features`` is."""
-    return self._run(variables, self._lr_image(images), method="encode", train=train,
+    return self.apply(variables, self._lr_image(images), method="encode", train=train,
                      deterministic=True, rng=None)
 
-  def decode(self, variables: Variables, features, *, train: bool = True,
-             deterministic: bool | None = None, rng=None):
-    """Shared single-scale head on (possibly reconstructed) features → (logits, batch_stats)."""
-    deterministic = (not train) if deterministic is None else deterministic
-    return self._run(variables, list(features), method="decode_single", train=train,
-                     deterministic=deterministic, rng=rng)
-
-  def decode_loss(self, variables: Variables, features, labels, weights=None, *, rng=None):
+  def mfm_decode_loss(self, variables: Variables, features, labels, weights=None, *,
+                      rng=None):
     """Train-mode shared head + CE (MFM objective); labels/weights are the full outer crop's
     and are centre-cropped to the detail box when mfm_features='detail'."""
     logits, bs = self.decode(variables, features, train=True, rng=rng)
@@ -240,13 +213,13 @@ class HRDAHost(SegmentationHost):
   def forward_loss(self, variables: Variables, images, labels, weights=None, *, rng=None):
     """HRDA train forward + 0.9·fused CE + 0.1·detail CE → (loss, context features, bs)."""
     if rng is None:
-      raise ValueError("mfm_jax/models/hrda.py: HRDAHost.forward_loss needs `rng` (detail-crop "
+      raise ValueError("mfm_jax/models/hrda.py: HRDANetwork.forward_loss needs `rng` (detail-crop "
                        "offset and dropout).")
     k_crop, k_fwd = jax.random.split(rng)
     h, w = self._check_image(images)
     y1, x1 = crop_offsets(k_crop, (h, w), self.hr_crop_size, self.crop_coord_divisible)
     hr_image = _crop(images, y1, x1, self.hr_crop_size)
-    out, bs = self._run(variables, self._lr_image(images), hr_image, method="scales_forward",
+    out, bs = self.apply(variables, self._lr_image(images), hr_image, method="scales_forward",
                         train=True, deterministic=False, rng=k_fwd)
     fused = self.fused_train_logits(out, (y1, x1), (h, w))
     loss_fused = losses.cross_entropy(fused, labels, weights)
@@ -255,10 +228,6 @@ class HRDAHost(SegmentationHost):
                                    _crop(weights, y1, x1, self.hr_crop_size))
     loss = (1.0 - self.hr_loss_weight) * loss_fused + self.hr_loss_weight * loss_hr
     return loss, out["lr_features"], bs
-
-  def fd_features(self, features):
-    """Last level of the context features (the FD uses the LR branch only, §1.4)."""
-    return features[-1]
 
   def predict(self, variables: Variables, images, *, train: bool = False):
     """HRDA inference → (logits at the input size, context features, batch_stats).
@@ -273,7 +242,7 @@ class HRDAHost(SegmentationHost):
     else:
       _, boxes = slide_boxes(h, w, (h, w), (h, w), HEAD_OUTPUT_STRIDE)
       hr_image = images
-    out, bs = self._run(variables, self._lr_image(images), hr_image, method="scales_forward",
+    out, bs = self.apply(variables, self._lr_image(images), hr_image, method="scales_forward",
                         train=train, deterministic=True, rng=None)
     hr_map = merge_windows(out["hr_logits"], boxes, b,
                            (h // HEAD_OUTPUT_STRIDE, w // HEAD_OUTPUT_STRIDE))
@@ -283,62 +252,10 @@ class HRDAHost(SegmentationHost):
 
 # ------------------------------------------------------------------------------- builders
 
-def _scales(hcfg) -> tuple[float, float]:
-  scales = tuple(float(s) for s in hcfg.scales)
-  if len(scales) != 2 or max(scales) != 1.0 or not 0.0 < min(scales) < 1.0:
-    raise ValueError(f"config.model.hrda.scales={tuple(hcfg.scales)!r} must be two scales: the "
-                     "detail scale 1.0 and a context scale in (0, 1), e.g. (1.0, 0.5).")
-  return 1.0, min(scales)
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ``ValueError`` naming the key of an HRDA setting this implementation cannot run."""
-  m, hcfg = config.model, config.model.hrda
-  if not m.head.startswith("daformer_"):
-    raise ValueError(f"config.model.head={m.head!r}: HRDA here needs a DAFormer head (stride-4 "
-                     "logits, conv1 scale attention); the DeepLabV2 HRDA variant is not built.")
-  _, lr = _scales(hcfg)
-  lr_div = HEAD_OUTPUT_STRIDE / lr
-  if lr_div != int(lr_div):
-    raise ValueError(f"config.model.hrda.scales: output stride {HEAD_OUTPUT_STRIDE} / context "
-                     f"scale {lr} must be an integer.")
-  lr_div = int(lr_div)
-  crop, hr_crop = tuple(config.data.crop_size), tuple(hcfg.hr_crop_size)
-  div = int(hcfg.crop_coord_divisible)
-  if div <= 0 or div % lr_div:
-    raise ValueError(f"config.model.hrda.crop_coord_divisible={div} must be a positive multiple "
-                     f"of output stride / context scale = {lr_div} (reference 8).")
-  for key, size in (("model.hrda.hr_crop_size", hr_crop), ("data.crop_size", crop)):
-    if len(size) != 2 or any(s <= 0 or s % lr_div for s in size):
-      raise ValueError(f"config.{key}={size!r} must be two positive multiples of {lr_div}.")
-  if any(hc > c for hc, c in zip(hr_crop, crop)):
-    raise ValueError(f"config.model.hrda.hr_crop_size={hr_crop!r} exceeds config.data.crop_size"
-                     f"={crop!r}.")
-  stride = tuple(hcfg.hr_slide_stride)
-  if len(stride) != 2 or any(s <= 0 or s % HEAD_OUTPUT_STRIDE or s > c
-                             for s, c in zip(stride, hr_crop)):
-    raise ValueError(f"config.model.hrda.hr_slide_stride={stride!r} must be two multiples of "
-                     f"{HEAD_OUTPUT_STRIDE} no larger than hr_crop_size {hr_crop!r}.")
-  if not 0.0 <= hcfg.hr_loss_weight <= 1.0:
-    raise ValueError(f"config.model.hrda.hr_loss_weight={hcfg.hr_loss_weight!r} must be in "
-                     "[0, 1].")
-  if hcfg.mfm_features not in MFM_FEATURES:
-    raise ValueError(f"config.model.hrda.mfm_features={hcfg.mfm_features!r}; choose one of "
-                     f"{MFM_FEATURES}.")
-  if hcfg.mfm_features == "detail" and config.mfm.enabled:
-    # Source features (from forward_loss), teacher features and pixel targets all come from
-    # the context branch / whole crop, so only the target
-    # classification objective sees matching detail features and labels.
-    if config.mfm.domain != "target" or config.mfm.objective != "classification":
-      raise ValueError("config.model.hrda.mfm_features='detail' supports only "
-                       "config.mfm.domain='target' with config.mfm.objective='classification' "
-                       f"(got domain={config.mfm.domain!r}, objective={config.mfm.objective!r}).")
-
-
 def build_segmentor(config: ml_collections.ConfigDict) -> HRDASegmentor:
   """``HRDASegmentor`` from ``config.model`` (+ ``config.model.hrda``)."""
   m = config.model
-  _, lr = _scales(m.hrda)
+  lr = min(float(s) for s in m.hrda.scales)  # context scale; detail scale 1.0 (validated)
   k = int(m.num_classes)
   attention = daformer_head.DAFormerHead(
       # Classwise attention: one channel per class (§1.4), else a single map.
@@ -351,21 +268,19 @@ def build_segmentor(config: ml_collections.ConfigDict) -> HRDASegmentor:
       lr_scale=lr)
 
 
-def build_host(config: ml_collections.ConfigDict) -> HRDAHost:
-  """``HRDAHost`` for a config with ``config.model.hrda.enabled`` (checked by ``check_config``)."""
-  check_config(config)
+def build_network(config: ml_collections.ConfigDict) -> HRDANetwork:
+  """``HRDANetwork`` for a validated config with ``config.model.hrda.enabled``."""
   h = config.model.hrda
-  return HRDAHost(model=build_segmentor(config), hr_crop_size=tuple(h.hr_crop_size),
+  return HRDANetwork(model=build_segmentor(config), hr_crop_size=tuple(h.hr_crop_size),
                   crop_coord_divisible=int(h.crop_coord_divisible),
                   hr_loss_weight=float(h.hr_loss_weight),
                   hr_slide_inference=bool(h.hr_slide_inference),
                   hr_slide_stride=tuple(h.hr_slide_stride), mfm_features=str(h.mfm_features))
 
 
-def mfm_image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """Size of the images whose features MFM masks: crop × lr_scale ('context') or
+def mfm_image_size(hrda_cfg: ml_collections.ConfigDict, crop_size) -> tuple[int, int]:
+  """Size of the images whose features MFM masks: crop × context scale ('context') or
   hr_crop_size ('detail')."""
-  h = config.model.hrda
-  if h.mfm_features == "detail":
-    return tuple(h.hr_crop_size)
-  return lr_size(tuple(config.data.crop_size), _scales(h)[1])
+  if hrda_cfg.mfm_features == "detail":
+    return tuple(hrda_cfg.hr_crop_size)
+  return lr_size(tuple(crop_size), min(float(s) for s in hrda_cfg.scales))

@@ -1,8 +1,9 @@
 """The segmentation network as the UDA step sees it: forwards that return losses and features.
 
-The train step never calls Flax modules directly; it calls a ``SegmentationHost``. This keeps
+The train step never calls Flax modules directly; it calls a ``SegmentationNetwork``. This keeps
 the step identical for the plain encoder-decoder (DAFormer, DeepLab) and for HRDA, whose
-multi-resolution forward and fused loss live in ``mfm_jax.models.hrda`` behind the same methods.
+multi-resolution forward and fused loss live in ``mfm_jax.models.hrda.HRDANetwork`` behind the
+same methods.
 
 Variables are Flax variable dicts ``{'params': ..., 'batch_stats': ...}``; every method returns
 the updated ``batch_stats`` (BatchNorm in train mode updates running statistics on every
@@ -12,7 +13,7 @@ forward, as the reference does, uda_reference.md §2.6b).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -24,16 +25,27 @@ from mfm_jax.uda import losses
 Variables = dict[str, Any]
 
 
+def variables(params, batch_stats) -> Variables:
+  """Flax variables from a parameter tree and BatchNorm statistics (``None`` → none)."""
+  return {"params": params, "batch_stats": batch_stats if batch_stats is not None else {}}
+
+
 @dataclasses.dataclass(frozen=True)
-class SegmentationHost:
-  """Plain encoder-decoder host (DAFormer / DeepLab): logits at stride 4 (or 8), CE at label size."""
+class SegmentationNetwork:
+  """Plain encoder-decoder network (DAFormer / DeepLab): logits at stride 4 (or 8), CE at label
+  size."""
 
-  model: nn.Module  # EncoderDecoder
+  model: nn.Module  # models.segmentor.EncoderDecoder (HRDA: models.hrda_head.HRDASegmentor)
+  # The model method that runs the decode head on one scale's features.
+  decode_method: ClassVar[str] = "decode"
 
-  def _apply(self, variables, x, *, method, train, deterministic, rng):
+  def apply(self, variables: Variables, *args, method: str, train: bool, deterministic: bool,
+            rng=None):
+    """``model.apply(..., method=method)`` → (output, batch_stats); BN statistics are mutable
+    in train mode, dropout draws from ``rng`` unless ``deterministic``."""
     rngs = {"dropout": rng} if (rng is not None and not deterministic) else {}
     mutable = ["batch_stats"] if (train and variables.get("batch_stats")) else False
-    out = self.model.apply(variables, x, train=train, deterministic=deterministic,
+    out = self.model.apply(variables, *args, train=train, deterministic=deterministic,
                            method=method, rngs=rngs, mutable=mutable)
     if mutable:
       out, updates = out
@@ -42,33 +54,29 @@ class SegmentationHost:
 
   def encode(self, variables: Variables, images: jax.Array, *, train: bool = True,
              deterministic: bool | None = None, rng=None):
-    """Multi-scale encoder features → (features, batch_stats)."""
+    """Multi-scale encoder features of ``images`` → (features, batch_stats)."""
     deterministic = (not train) if deterministic is None else deterministic
-    return self._apply(variables, images, method="encode", train=train,
-                       deterministic=deterministic, rng=rng)
+    return self.apply(variables, images, method="encode", train=train,
+                      deterministic=deterministic, rng=rng)
 
   def decode(self, variables: Variables, features, *, train: bool = True,
              deterministic: bool | None = None, rng=None):
-    """Decoder on (possibly reconstructed) features → (logits, batch_stats)."""
+    """Decoder on (possibly rebuilt) features → (logits, batch_stats)."""
     deterministic = (not train) if deterministic is None else deterministic
-    return self._apply(variables, features, method="decode", train=train,
-                       deterministic=deterministic, rng=rng)
-
-  def decode_loss(self, variables: Variables, features, labels, weights=None, *, rng=None):
-    """Train-mode decoder + CE (the MFM classification objective) → (loss, batch_stats)."""
-    logits, bs = self.decode(variables, features, train=True, rng=rng)
-    return losses.cross_entropy(logits, labels, weights), bs
+    return self.apply(variables, list(features), method=self.decode_method, train=train,
+                      deterministic=deterministic, rng=rng)
 
   def forward_loss(self, variables: Variables, images, labels, weights=None, *, rng=None):
     """Student train-mode forward + CE → (loss, features, batch_stats).
 
-    ``features`` are the encoder features used by the ImageNet feature distance.
+    ``features`` are the encoder features used by the ImageNet feature distance and by MFM on
+    the source domain.
     """
     r_enc, r_dec = (None, None) if rng is None else jax.random.split(rng)
     feats, bs = self.encode(variables, images, train=True, rng=r_enc)
     variables = {**variables, "batch_stats": bs} if bs is not None else variables
-    loss, bs = self.decode_loss(variables, feats, labels, weights, rng=r_dec)
-    return loss, feats, bs
+    logits, bs = self.decode(variables, feats, train=True, rng=r_dec)
+    return losses.cross_entropy(logits, labels, weights), feats, bs
 
   def fd_encode(self, variables: Variables, images: jax.Array, *, train: bool = False):
     """Encoder features for the ImageNet feature distance (HRDA: always the LR context)."""
@@ -78,8 +86,23 @@ class SegmentationHost:
     """The encoder level the ImageNet feature distance compares (last stage, §2.5)."""
     return features[-1]
 
+  # MFM's view of the network (mfm_jax/uda/mfm.py): which features are masked and how the
+  # decoder's CE is taken on them. HRDA overrides both (context or detail features).
+
+  def mfm_encode(self, variables: Variables, images: jax.Array, *, train: bool = True,
+                 deterministic: bool | None = None, rng=None):
+    """The encoder features MFM masks and rebuilds → (features, batch_stats)."""
+    return self.encode(variables, images, train=train, deterministic=deterministic, rng=rng)
+
+  def mfm_decode_loss(self, variables: Variables, features, labels, weights=None, *, rng=None):
+    """Train-mode decoder on rebuilt features + CE (MFM classification objective) →
+    (loss, batch_stats)."""
+    logits, bs = self.decode(variables, features, train=True, rng=rng)
+    return losses.cross_entropy(logits, labels, weights), bs
+
   def predict(self, variables: Variables, images, *, train: bool = False):
-    """Deterministic logits bilinearly resized to the input size → (logits, batch_stats).
+    """Deterministic logits bilinearly resized to the input size → (logits, features,
+    batch_stats).
 
     ``train=True`` is the EMA teacher's mode: BN with batch statistics, dropout off (§2.2).
     """

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 Dtype = Any
 
 # Blocks per stage (Bottleneck, expansion 4); the converter also maps (3, 8, 36, 3) → 152.
-STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+# OURS: 14 = one Bottleneck per stage, for the tiny CPU variant of the synthetic benchmark.
+STAGE_BLOCKS = {14: (1, 1, 1, 1), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 EXPANSION = 4
 STAGE_CHANNELS = tuple(EXPANSION * 64 * 2**i for i in range(4))  # (256, 512, 1024, 2048)
 
@@ -102,13 +103,17 @@ class ResNetV1c(nn.Module):
   Strides of the outputs: (4, 8, 8, 8) with ``dilated`` (DeepLab, §1.3), else (4, 8, 16, 32).
 
   Attributes:
-    depth: 50 or 101 (blocks (3, 4, 6, 3) / (3, 4, 23, 3)); 152 is accepted for converted files.
+    depth: 50 or 101 (blocks (3, 4, 6, 3) / (3, 4, 23, 3)); 152 is accepted for converted files;
+      14 (one block per stage) is the tiny CPU variant (OURS).
+    width: stem / first-stage width (reference 64); stage s has ``width·2^s`` planes and
+      ``4·width·2^s`` output channels.
     deep_stem: mmseg V1c stem (three 3x3 convs) instead of the 7x7 conv.
     dilated: strides (1, 2, 1, 1) + dilations (1, 1, 2, 4) (os 8) instead of strides (1, 2, 2, 2).
     dtype: compute dtype (params and BN statistics stay float32).
     remat: rematerialise every Bottleneck (less activation memory, ~1/3 more compute).
   """
   depth: int = 101
+  width: int = 64
   deep_stem: bool = True
   dilated: bool = True
   dtype: Dtype = jnp.float32
@@ -129,11 +134,12 @@ class ResNetV1c(nn.Module):
     x = x.astype(self.dtype)
     if self.deep_stem:
       # stem = Sequential(conv, BN, ReLU) x3 → torch indices 0/1 (2 = ReLU), 3/4, 6/7.
-      for i, (features, stride) in enumerate(((32, 2), (32, 1), (64, 1))):
+      w = self.width
+      for i, (features, stride) in enumerate(((w // 2, 2), (w // 2, 1), (w, 1))):
         x = _conv(features, 3, stride, dtype=self.dtype, name=f"stem_{3 * i}")(x)
         x = nn.relu(_bn(train, self.dtype, f"stem_{3 * i + 1}")(x))
     else:
-      x = _conv(64, 7, 2, dtype=self.dtype, name="conv1")(x)
+      x = _conv(self.width, 7, 2, dtype=self.dtype, name="conv1")(x)
       x = nn.relu(_bn(train, self.dtype, "bn1")(x))
     # MaxPool2d(3, 2, padding 1): Flax pads with -inf like torch (and the input is ≥ 0 after
     # the ReLU anyway).
@@ -142,7 +148,7 @@ class ResNetV1c(nn.Module):
     strides, dilations = stage_layout(self.dilated)
     outputs = []
     for s, n_blocks in enumerate(STAGE_BLOCKS[self.depth]):
-      planes = 64 * 2**s
+      planes = self.width * 2**s
       for b in range(n_blocks):
         x = block_cls(planes=planes, stride=strides[s] if b == 0 else 1,
                       dilation=block_dilation(dilations[s], b),

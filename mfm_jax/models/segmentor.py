@@ -15,21 +15,22 @@ import jax
 import jax.numpy as jnp
 
 from mfm_jax import ops
-from mfm_jax.models import daformer_head
-from mfm_jax.models import mit
+from mfm_jax.models import daformer_head, deeplab, mit, resnet
 
 BACKBONES = tuple(mit.MIT_VARIANTS) + (
-    "resnet50_v1c", "resnet101_v1c", "resnet50", "resnet101")
+    "resnet50_v1c", "resnet101_v1c", "resnet50", "resnet101", "resnet_tiny_v1c")
 HEADS = ("daformer_sepaspp", "daformer_aspp", "daformer_conv1", "dlv2", "dlv2red", "dlv3p")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-# ResNet name → (depth, deep_stem, dilated). '_v1c' = mmseg ResNetV1c with deep stem and
+# ResNet name → (depth, width, deep_stem, dilated). '_v1c' = mmseg ResNetV1c with deep stem and
 # dilation (os 8, uda_reference.md §1.3); plain names = torchvision-style stem, os 32.
+# 'resnet_tiny_v1c' (OURS): one Bottleneck per stage, width 16 (channels 64/128/256/512), the
+# DeepLabV2 configs' network in the synthetic CPU benchmark.
 _RESNETS = {
-    "resnet50_v1c": (50, True, True), "resnet101_v1c": (101, True, True),
-    "resnet50": (50, False, False), "resnet101": (101, False, False),
+    "resnet50_v1c": (50, 64, True, True), "resnet101_v1c": (101, 64, True, True),
+    "resnet50": (50, 64, False, False), "resnet101": (101, 64, False, False),
+    "resnet_tiny_v1c": (14, 16, True, True),
 }
-_RESNET_CHANNELS = (256, 512, 1024, 2048)  # Bottleneck expansion 4
 
 
 class EncoderDecoder(nn.Module):
@@ -55,50 +56,30 @@ class EncoderDecoder(nn.Module):
     return self.decode_head(list(features), train=train, deterministic=deterministic)
 
 
-def _get(cfg: Any, key: str, default: Any = None, required: bool = False) -> Any:
-  value = getattr(cfg, key, None)
-  if value is None:
-    if required:
-      raise ValueError(f"segmentor.py: model config is missing the required key {key!r}.")
-    return default
-  return value
-
-
 def parse_compute_dtype(name: str) -> Any:
-  """'float32' | 'bfloat16' → jnp dtype."""
-  if name not in COMPUTE_DTYPES:
-    raise ValueError(f"segmentor.py: unknown compute_dtype {name!r}; choose one of "
-                     f"{list(COMPUTE_DTYPES)}.")
+  """'float32' | 'bfloat16' (validated config value) → jnp dtype."""
   return COMPUTE_DTYPES[name]
-
-
-def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
-  if value not in choices:
-    raise ValueError(f"segmentor.py: unknown model.{key} {value!r}; choose one of "
-                     f"{list(choices)}.")
 
 
 def feature_channels(model_cfg: Any) -> tuple[int, ...]:
   """Channels of the 4 encoder levels for ``model_cfg.backbone`` (no params are built)."""
-  name = _get(model_cfg, "backbone", required=True)
-  _check_choice("backbone", name, BACKBONES)
+  name = model_cfg.backbone
   if name in mit.MIT_VARIANTS:
     return tuple(mit.MIT_VARIANTS[name]["embed_dims"])
-  return _RESNET_CHANNELS
+  width = _RESNETS[name][1]
+  return tuple(resnet.EXPANSION * width * 2**s for s in range(4))  # Bottleneck expansion 4
 
 
 def output_stride(backbone: str) -> int:
   """Stride of the encoder's last level: 8 for the dilated ResNet-V1c, else 32 (MiT, ResNet)."""
-  _check_choice("backbone", backbone, BACKBONES)
-  return 8 if _RESNETS.get(backbone, (0, False, False))[2] else 32
+  return 8 if _RESNETS.get(backbone, (0, 0, False, False))[3] else 32
 
 
 def _depthwise_impl(model_cfg: Any) -> str:
   """'auto' → 'shift' on CPU, where XLA's grouped depthwise conv is 9-28x slower (measured,
   README), else 'xla' (the reference's grouped-conv formulation; measure with
   ``mfm_jax.benchmark --depthwise``)."""
-  impl = _get(model_cfg, "depthwise_impl", "auto")
-  _check_choice("depthwise_impl", impl, ("auto",) + ops.DEPTHWISE_IMPLS)
+  impl = model_cfg.depthwise_impl
   if impl == "auto":
     impl = "shift" if jax.default_backend() == "cpu" else "xla"
   return impl
@@ -106,31 +87,27 @@ def _depthwise_impl(model_cfg: Any) -> str:
 
 def build_backbone(model_cfg: Any) -> nn.Module:
   """The encoder named by ``model_cfg.backbone``."""
-  name = _get(model_cfg, "backbone", required=True)
-  _check_choice("backbone", name, BACKBONES)
-  dtype = parse_compute_dtype(_get(model_cfg, "compute_dtype", "float32"))
+  name = model_cfg.backbone
+  dtype = parse_compute_dtype(model_cfg.compute_dtype)
   if name in mit.MIT_VARIANTS:
-    return mit.mit(name, drop_path_rate=float(_get(model_cfg, "drop_path_rate", 0.1)),
-                   dtype=dtype, remat=bool(_get(model_cfg, "remat", False)),
-                   depthwise_impl=_depthwise_impl(model_cfg))
-  from mfm_jax.models import resnet  # pylint: disable=g-import-not-at-top (written concurrently)
-  depth, deep_stem, dilated = _RESNETS[name]
-  return resnet.ResNetV1c(depth=depth, deep_stem=deep_stem, dilated=dilated, dtype=dtype)
+    return mit.mit(name, drop_path_rate=float(model_cfg.drop_path_rate), dtype=dtype,
+                   remat=bool(model_cfg.remat), depthwise_impl=_depthwise_impl(model_cfg))
+  depth, width, deep_stem, dilated = _RESNETS[name]
+  return resnet.ResNetV1c(depth=depth, width=width, deep_stem=deep_stem, dilated=dilated,
+                          dtype=dtype, remat=bool(model_cfg.remat))
 
 
 def build_head(model_cfg: Any, num_classes: int | None = None) -> nn.Module:
   """The decode head named by ``model_cfg.head`` (``num_classes`` overrides the config)."""
-  name = _get(model_cfg, "head", required=True)
-  _check_choice("head", name, HEADS)
-  dtype = parse_compute_dtype(_get(model_cfg, "compute_dtype", "float32"))
-  k = int(num_classes if num_classes is not None else _get(model_cfg, "num_classes", 19))
-  dropout = float(_get(model_cfg, "head_dropout", 0.1))
+  name = model_cfg.head
+  dtype = parse_compute_dtype(model_cfg.compute_dtype)
+  k = int(num_classes if num_classes is not None else model_cfg.num_classes)
+  dropout = float(model_cfg.head_dropout)
   if name.startswith("daformer_"):
     return daformer_head.DAFormerHead(
-        num_classes=k, embed_dim=int(_get(model_cfg, "head_embed_dim", 256)),
+        num_classes=k, embed_dim=int(model_cfg.head_embed_dim),
         fusion=name[len("daformer_"):], dropout=dropout, dtype=dtype,
         depthwise_impl=_depthwise_impl(model_cfg))
-  from mfm_jax.models import deeplab  # pylint: disable=g-import-not-at-top (written concurrently)
   if name == "dlv3p":
     return deeplab.DeepLabV3PlusHead(num_classes=k, dtype=dtype, dropout=dropout)
   # 'dlv2red' (what DAFormer/HRDA/MIC run) keeps only dilations (6, 12) (§1.3).
@@ -139,11 +116,8 @@ def build_head(model_cfg: Any, num_classes: int | None = None) -> nn.Module:
 
 
 def build_segmentor(model_cfg: Any) -> EncoderDecoder:
-  """``EncoderDecoder`` from a model config (ConfigDict or any attribute object).
-
-  Keys: backbone, head (required); num_classes (19), head_embed_dim (256), head_dropout (0.1),
-  drop_path_rate (0.1), remat (False), compute_dtype ('float32'), depthwise_impl ('auto').
-  """
+  """``EncoderDecoder`` from a validated ``config.model`` (keys and defaults:
+  ``mfm_jax/config/base.py``; every key is read, none has a default here)."""
   return EncoderDecoder(backbone=build_backbone(model_cfg), decode_head=build_head(model_cfg))
 
 
@@ -153,12 +127,11 @@ def level_sizes(model_cfg: Any, image_size: Sequence[int]) -> list[tuple[int, in
   Every strided layer of both encoders (MiT's 7/4 and 3/2 patch embeddings; ResNet's 3/2
   convs, 3/2 max-pool and 1×1/2 shortcuts, all padded k // 2) gives ceil(size / stride).
   """
-  name = _get(model_cfg, "backbone", required=True)
-  _check_choice("backbone", name, BACKBONES)
+  name = model_cfg.backbone
   if name in mit.MIT_VARIANTS:
     strides = (4, 2, 2, 2)
   else:
-    strides = (4, 2, 1, 1) if _RESNETS[name][2] else (4, 2, 2, 2)  # stem + pool = 4
+    strides = (4, 2, 1, 1) if _RESNETS[name][3] else (4, 2, 2, 2)  # stem + pool = 4
   sizes, (h, w) = [], (int(image_size[0]), int(image_size[1]))
   for s in strides:
     h, w = -(-h // s), -(-w // s)

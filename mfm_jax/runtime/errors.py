@@ -27,10 +27,6 @@ NON_FINITE = 3  # NaN/Inf loss: the run stopped, the last good checkpoint is kep
 CHECKPOINT_SAVE_FAILED = 4  # a save failed (disk full, read-only): the last good one is kept
 PREEMPTED = 75  # SIGTERM/SIGINT: checkpoint written (if a step ran); rerun to resume (EX_TEMPFAIL)
 
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Print tracebacks of user errors too "
-                             "(also: MFM_JAX_VERBOSE=1).")
-
-
 class UserError(Exception):
   """Base (mixin) of errors a user can fix; the message alone must say what and where."""
 
@@ -54,10 +50,9 @@ def exit_code(error: BaseException) -> int | None:
 def verbose() -> bool:
   if os.environ.get("MFM_JAX_VERBOSE", "") not in ("", "0"):
     return True
-  try:
-    return bool(_VERBOSE.value)
-  except flags.UnparsedFlagAccessError:
+  if "verbose" not in flags.FLAGS or not flags.FLAGS.is_parsed():
     return False
+  return bool(flags.FLAGS["verbose"].value)
 
 
 def message(error: BaseException) -> str:
@@ -86,5 +81,11 @@ def guard(main: Callable[[list[str]], Any], argv: list[str]) -> Any:
 
 
 def run(main: Callable[[list[str]], Any]) -> None:
-  """``absl.app.run(main)`` with user errors reported by ``guard``."""
+  """``absl.app.run(main)`` with user errors reported by ``guard`` and a ``--verbose`` flag.
+
+  Call it under ``if __name__ == "__main__":`` after defining the program's own flags.
+  """
+  if "verbose" not in flags.FLAGS:
+    flags.DEFINE_bool("verbose", False, "Print tracebacks of user errors too "
+                      "(also: MFM_JAX_VERBOSE=1).")
   app.run(lambda argv: guard(main, argv))

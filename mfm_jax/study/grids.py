@@ -16,7 +16,7 @@ import dataclasses
 import re
 from typing import Any, Callable, Sequence
 
-PRESET = "study"  # config_lib.set_study: the 256²-crop scale of the synthetic benchmark
+PRESET = "study"  # mfm_jax.config.fragments.study: the 256²-crop scale of the synthetic benchmark
 
 
 @dataclasses.dataclass(frozen=True)

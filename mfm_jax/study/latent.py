@@ -52,16 +52,16 @@ def rebuild_one(rdir: str, image_index: int = 0, seed: int = 0) -> dict[str, Any
     raise ValueError(f"{rdir} is not a run with an MFM Rebuilder (config.mfm.enabled/rebuild).")
   config.data.max_eval_images = image_index + 1
   config.data.eval_batch_size = 1
-  host, task = state_lib.build_host(config), state_lib.build_mfm_task(config)
+  net, task = state_lib.build_network(config), state_lib.build_mfm_task(config)
   ckpt = os.path.join(rdir, "checkpoints")
-  variables = evaluate.load_variables(config, host, ckpt)
+  variables = evaluate.load_variables(config, net, ckpt)
   rebuilder_params = checkpoint.load_params(ckpt, subtree=("params", "rebuilder"))
   batch = list(pipeline.make_eval_dataset(config.data))[image_index]
   h, w = task.image_size
   image = np.asarray(batch["image"])[:, :h, :w]  # the training crop size, top-left
   if image.shape[1:3] != (h, w):
     raise ValueError(f"The val image {image.shape[1:3]} is smaller than the crop {(h, w)}.")
-  feats, _ = host.encode(variables, jnp.asarray(image), train=False)
+  feats, _ = net.encode(variables, jnp.asarray(image), train=False)
   keep = task.draw_keep(jax.random.key(seed), 1)
   rebuilt, _ = task.rebuild(rebuilder_params, feats, keep)
   return {"image": visual.denormalise(image[0]), "keep": np.asarray(keep[0]),

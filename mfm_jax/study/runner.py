@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 import ml_collections
 
 import mfm_jax
-from mfm_jax.config import lib as config_lib
+from mfm_jax.config import validation
 from mfm_jax.study import grids
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(mfm_jax.__file__)))
@@ -227,7 +227,7 @@ def plan(runs: Sequence[grids.Run], workdir: str, common=()) -> list[dict[str, A
     entry = {"run": run, "dir": rdir, "command": command(run, rdir, common)}
     try:
       config = build_config(run, common)
-      config_lib.validate(config)
+      validation.validate(config)
     except (KeyError, ValueError, TypeError) as e:
       msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
       entry.update(status="invalid", error=msg, num_steps=None)

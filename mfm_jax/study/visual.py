@@ -65,9 +65,9 @@ def predict_images(rdirs: Sequence[str], num_images: int = 4
     config = load_run_config(rdir)
     config.data.max_eval_images = num_images
     config.data.eval_batch_size = 1
-    host = state_lib.build_host(config)
-    variables = evaluate.load_variables(config, host, os.path.join(rdir, "checkpoints"))
-    predict = inference.make_predict_fn(config, host)
+    net = state_lib.build_network(config)
+    variables = evaluate.load_variables(config, net, os.path.join(rdir, "checkpoints"))
+    predict = inference.make_predict_fn(config, net)
     run_preds = []
     for batch in pipeline.make_eval_dataset(config.data):
       label = np.asarray(batch["label"])

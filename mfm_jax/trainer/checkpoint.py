@@ -125,29 +125,20 @@ def _check_abstract(abstract_state: Any) -> None:
 class Checkpointer:
   """Saves/restores a train state plus a JSON ``extra`` dict under ``directory``.
 
+  The caller decides when to save (the train loop: every ``config.checkpoint_every`` steps, at
+  the end and when stopped); every ``save`` of a new step writes.
+
   Args:
     directory: checkpoint root (created if missing; local path or any ``epath`` URL).
     keep: number of most recent checkpoints kept (older ones are deleted).
-    save_interval_steps: ``save(step, ...)`` only writes when ``step`` is a multiple of this
-      (unless ``force=True``).
   """
 
-  def __init__(self, directory: str | epath.PathLike, *, keep: int = 3,
-               save_interval_steps: int = 1000):
+  def __init__(self, directory: str | epath.PathLike, *, keep: int):
     if keep < 1:
       raise ValueError(f"Checkpointer: keep must be >= 1, got {keep}")
-    if save_interval_steps < 1:
-      raise ValueError(f"Checkpointer: save_interval_steps must be >= 1, got {save_interval_steps}")
     self.directory = epath.Path(directory)
-    # Orbax's default policy also saves the very first step it sees; only multiples of the
-    # interval (plus preemption sync points on multi-host jobs) are wanted here.
-    policy = ocp.checkpoint_managers.AnySavePolicy([
-        ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
-        ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
-    ])
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
-        save_decision_policy=policy,
         create=True,
         # Leftovers of saves interrupted before the final rename are deleted at start-up.
         cleanup_tmp_directories=True,
@@ -165,20 +156,16 @@ class Checkpointer:
     """All finalised steps, ascending."""
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, *, extra: dict | None = None,
-           force: bool = False) -> bool:
-    """Saves ``state`` (and ``extra``) at ``step`` if the interval allows or ``force`` is set.
+  def save(self, step: int, state: Any, *, extra: dict | None = None) -> bool:
+    """Saves ``state`` (and ``extra``) at ``step``.
 
-    Returns whether a checkpoint was written (False when skipped by the interval or when
-    ``step`` is already saved). Raises ``NonFiniteStateError`` before writing anything if a
+    Returns whether a checkpoint was written (False when ``step`` is already saved). Raises ``NonFiniteStateError`` before writing anything if a
     floating leaf is NaN/Inf, so the last good checkpoint always survives, and
     ``CheckpointSaveError`` (naming the directory and the cause) when the write fails. The
     checkpoint is on disk when this returns.
     """
     step = int(step)
     if step in self._manager.all_steps():
-      return False
-    if not force and not self._manager.should_save(step):
       return False
     extra = {} if extra is None else extra
     try:

@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from mfm_jax.trainer import checkpoint
-from mfm_jax.config import lib as config_lib
+from mfm_jax.config import validation
 from mfm_jax.runtime import errors
 from mfm_jax.evaluation import inference
 from mfm_jax.runtime import json_io
@@ -37,7 +37,7 @@ from mfm_jax.runtime import progress as progress_lib
 from mfm_jax.evaluation import visualize
 from mfm_jax.data import pipeline
 from mfm_jax.evaluation.metrics import format_report, report_scalars
-from mfm_jax.trainer.step import make_update_fn
+from mfm_jax.trainer.step import jit_update_fn
 
 
 class NonFiniteLossError(errors.UserError, RuntimeError):
@@ -96,7 +96,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ``{'stopped_at': step, 'preempted': 'SIGTERM', 'saved': bool}`` (``saved`` is False when no
   step had run yet).
   """
-  config_lib.validate(config)
+  validation.validate(config)
   with stopping.StopRequest() as stop, run_lock.hold(workdir):
     return _train(config, workdir, stop, stop_at)
 
@@ -113,20 +113,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: stopping.StopR
       config.data, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
   parallel.check_batch_size(config.data.batch_size, mesh)
-  host = state_lib.build_host(config)
+  net = state_lib.build_network(config)
   mfm_task = state_lib.build_mfm_task(config)
-  tx = state_lib.build_optimizer(config, host, mfm_task)
+  tx = state_lib.build_optimizer(config, net, mfm_task)
   repl = parallel.replicated(mesh)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 keep=config.keep_checkpoints,
-                                 save_interval_steps=config.checkpoint_every)
+                                 keep=config.keep_checkpoints)
   if stop.requested:  # signalled while the data was prepared: no model built, nothing saved
     step = ckpt.latest_step() or 0
     ckpt.close()
     return {"stopped_at": step, "preempted": stop.name, "saved": False}
   restored = None
   if ckpt.all_steps():
-    abstract = state_lib.abstract_train_state(config, host, mfm_task, tx, repl)
+    abstract = state_lib.abstract_train_state(config, net, mfm_task, tx, repl)
     restored = ckpt.restore_latest_good(abstract)
     if restored is None:
       logging.warning("No checkpoint in %s could be read (all moved aside as damaged); "
@@ -136,14 +135,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: stopping.StopR
     data_iter.set_state(extra["data"])
     logging.info("Resumed from %s at step %d.", ckpt.directory, start)
   else:
-    state = state_lib.create_train_state(config, host, mfm_task, tx, repl)
+    state = state_lib.create_train_state(config, net, mfm_task, tx, repl)
     start = 0
   last_saved = start if start else None
 
-  update = jax.jit(make_update_fn(config, host, mfm_task, tx), donate_argnums=(0,),
-                   in_shardings=(repl, parallel.data_sharded(mesh)),
-                   out_shardings=(repl, repl))
-  predict_fn = inference.make_predict_fn(config, host)
+  update, step_traces = jit_update_fn(config, net, mfm_task, tx, mesh)
+  predict_fn = inference.make_predict_fn(config, net)
   schedule = state_lib.optim.lr_schedule(
       config.optim.lr, config.num_steps, config.optim.warmup_steps, config.optim.warmup_ratio,
       config.optim.power, config.optim.min_lr)
@@ -158,7 +155,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: stopping.StopR
     batches = pipeline.make_eval_dataset(config.data, process_index=jax.process_index(),
                                          process_count=jax.process_count())
     keeper = _SampleKeeper(config.eval.num_logged_images if is_main else 0)
-    report = inference.evaluate(config, host, variables, batches, predict_fn, on_batch=keeper)
+    report = inference.evaluate(config, net, variables, batches, predict_fn, on_batch=keeper)
     writer.write_scalars(step, report_scalars(report))
     writer.write_texts(step, {"eval/iou_table": visualize.iou_markdown(report)})
     # image | prediction | ground truth, Cityscapes colours.
@@ -212,6 +209,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: stopping.StopR
           host_metrics["perf/images_per_s"] = steps_per_s * images_per_step
         last_log = (now, done)
         host_metrics.update(_memory_figures())
+        host_metrics["perf/step_traces"] = step_traces()
         writer.write_scalars(done, host_metrics)
         progress.update(done, force=True, **dict(sorted(host_metrics.items())))
         finished.clear()
@@ -230,7 +228,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: stopping.StopR
           _raise_non_finite(checked + 1, done, last_saved)
         checked = done
         try:
-          if ckpt.save(done, state, extra={"data": data_iter.get_state()}, force=True):
+          if ckpt.save(done, state, extra={"data": data_iter.get_state()}):
             last_saved = done
         except checkpoint.NonFiniteStateError as e:
           _raise_non_finite(done, done, last_saved, f" {e}")

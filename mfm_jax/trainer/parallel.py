@@ -9,8 +9,6 @@ as on one device with the same global batch.
 from __future__ import annotations
 
 import os
-from typing import Any
-
 import jax
 import numpy as np
 from absl import logging
@@ -74,10 +72,3 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
   sharding = data_sharded(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
-
-
-def to_host(tree: Any) -> Any:
-  """Fully-replicated (or addressable) arrays → numpy on every process."""
-  return jax.tree_util.tree_map(
-      lambda x: np.asarray(jax.device_get(x.addressable_data(0)) if hasattr(
-          x, "addressable_data") and x.is_fully_replicated else jax.device_get(x)), tree)

@@ -1,4 +1,4 @@
-"""Building the host network, the MFM task, the optimizer and the initial train state.
+"""The train state, and building the network, the MFM task, the optimizer and the state.
 
 Parameters are created directly with their target sharding (``jit(init, out_shardings=...)``);
 pretrained weights (``config.init_from``) are merged strictly: a missing, unexpected or
@@ -16,25 +16,43 @@ import ml_collections
 import numpy as np
 
 from mfm_jax.trainer import optim
-from mfm_jax.models.network import SegmentationHost
-from mfm_jax.uda.mfm_task import MFMTask
+from mfm_jax.models.network import SegmentationNetwork
+from mfm_jax.uda.mfm import MFMTask
 from mfm_jax.models import segmentor as segmentor_lib
-from mfm_jax.trainer.step import TrainState, needs_imnet, needs_teacher
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue; ``None`` fields are unused by the config."""
+
+  step: jax.Array
+  params: Any  # {'model': segmentor params, 'rebuilder': {...}} (rebuilder only with MFM)
+  batch_stats: Any  # student BatchNorm statistics
+  opt_state: Any
+  ema_params: Any  # EMA teacher (segmentor params only)
+  ema_batch_stats: Any  # teacher BN statistics (its own, not averaged: §2.2)
+  imnet_params: Any  # frozen ImageNet encoder copy for the feature distance
+  imnet_batch_stats: Any
+  # Sticky flag, OR-ed every step: a loss or the gradient norm was NaN/Inf at some step. The
+  # loop reads it with the logged metrics and before every save (no host sync per step).
+  nonfinite: jax.Array
 
 
-def compute_dtype(config: ml_collections.ConfigDict):
-  return _DTYPES[config.model.compute_dtype]
+def needs_teacher(config: ml_collections.ConfigDict) -> bool:
+  return bool(config.uda.enabled) or (
+      bool(config.mfm.enabled) and config.mfm.objective == "feature")
 
 
-def build_host(config: ml_collections.ConfigDict) -> SegmentationHost:
+def needs_imnet(config: ml_collections.ConfigDict) -> bool:
+  return bool(config.uda.fd.enabled) and config.uda.fd.weight > 0
+
+
+def build_network(config: ml_collections.ConfigDict) -> SegmentationNetwork:
   """The segmentation network behind the UDA step (HRDA when ``config.model.hrda`` is on)."""
   hrda_cfg = config.model.get("hrda")
   if hrda_cfg is not None and hrda_cfg.enabled:
     from mfm_jax.models import hrda  # pylint: disable=g-import-not-at-top
-    return hrda.build_host(config)
-  return SegmentationHost(segmentor_lib.build_segmentor(config.model))
+    return hrda.build_network(config)
+  return SegmentationNetwork(segmentor_lib.build_segmentor(config.model))
 
 
 def mfm_image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -42,7 +60,7 @@ def mfm_image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
   hrda_cfg = config.model.get("hrda")
   if hrda_cfg is not None and hrda_cfg.enabled:
     from mfm_jax.models import hrda  # pylint: disable=g-import-not-at-top
-    return hrda.mfm_image_size(config)
+    return hrda.mfm_image_size(hrda_cfg, config.data.crop_size)
   return tuple(config.data.crop_size)
 
 
@@ -53,7 +71,7 @@ def build_mfm_task(config: ml_collections.ConfigDict) -> MFMTask | None:
   return MFMTask(cfg=config.mfm, channels=tuple(segmentor_lib.feature_channels(config.model)),
                  level_sizes=tuple(segmentor_lib.level_sizes(config.model, size)),
                  image_size=size, single_projector=config.model.head.startswith("dlv2"),
-                 compute_dtype=compute_dtype(config))
+                 compute_dtype=segmentor_lib.parse_compute_dtype(config.model.compute_dtype))
 
 
 def _example_images(config: ml_collections.ConfigDict, batch: int = 1) -> jax.ShapeDtypeStruct:
@@ -61,17 +79,17 @@ def _example_images(config: ml_collections.ConfigDict, batch: int = 1) -> jax.Sh
   return jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32)
 
 
-def init_variables(config: ml_collections.ConfigDict, host: SegmentationHost,
+def init_variables(config: ml_collections.ConfigDict, net: SegmentationNetwork,
                    mfm_task: MFMTask | None, rng: jax.Array) -> dict[str, Any]:
   """Initial ``params`` ({'model', 'rebuilder'?}) and ``batch_stats`` of the student."""
   k_model, k_reb = jax.random.split(rng)
   h, w = config.data.crop_size
   images = jnp.zeros((1, h, w, 3), jnp.float32)
-  variables = host.model.init({"params": k_model, "dropout": k_model}, images, train=False)
+  variables = net.model.init({"params": k_model, "dropout": k_model}, images, train=False)
   params = {"model": variables["params"]}
   if mfm_task is not None and mfm_task.has_params:
-    # The same image size the train step passes to host.encode (HRDA halves it internally).
-    feats, _ = host.encode(variables, images, train=False)
+    # The same image size the train step passes to net.mfm_encode (HRDA halves it internally).
+    feats, _ = net.mfm_encode(variables, images, train=False)
     params["rebuilder"] = mfm_task.init(k_reb, feats)
   return {"params": params, "batch_stats": variables.get("batch_stats", {})}
 
@@ -135,61 +153,60 @@ def load_rebuilder_init(config: ml_collections.ConfigDict, variables: dict[str, 
   return {"params": params, "batch_stats": variables["batch_stats"]}
 
 
-def create_train_state(config: ml_collections.ConfigDict, host: SegmentationHost,
+def _initial_state(config: ml_collections.ConfigDict, variables: dict[str, Any], tx,
+                   copy=lambda t: t) -> TrainState:
+  """The step-0 state from the student's variables; ``copy`` duplicates the teacher's and the
+  ImageNet copy's arrays (identity for abstract shapes)."""
+  params, bstats = variables["params"], variables["batch_stats"]
+  teacher, imnet = needs_teacher(config), needs_imnet(config)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=bstats,
+      opt_state=tx.init(params),
+      ema_params=copy(params["model"]) if teacher else None,
+      ema_batch_stats=copy(bstats) if teacher else None,
+      imnet_params=copy(params["model"]["backbone"]) if imnet else None,
+      imnet_batch_stats=copy(bstats.get("backbone", {})) if imnet else None,
+      nonfinite=jnp.zeros((), jnp.bool_))
+
+
+def create_train_state(config: ml_collections.ConfigDict, net: SegmentationNetwork,
                        mfm_task: MFMTask | None, tx, sharding=None) -> TrainState:
   """Initial state (placed with ``sharding``, e.g. replicated over the mesh)."""
+  copy = lambda t: jax.tree_util.tree_map(jnp.array, t)  # noqa: E731
+  from_variables = lambda v: _initial_state(config, v, tx, copy)  # noqa: E731
   rng = jax.random.key(config.seed)
-
-  def from_variables(variables):
-    params, bstats = variables["params"], variables["batch_stats"]
-    copy = lambda t: jax.tree_util.tree_map(jnp.array, t)  # noqa: E731
-    teacher = needs_teacher(config)
-    imnet = needs_imnet(config)
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, batch_stats=bstats,
-        opt_state=tx.init(params),
-        ema_params=copy(params["model"]) if teacher else None,
-        ema_batch_stats=copy(bstats) if teacher else None,
-        imnet_params=copy(params["model"]["backbone"]) if imnet else None,
-        imnet_batch_stats=copy(bstats.get("backbone", {})) if imnet else None,
-        nonfinite=jnp.zeros((), jnp.bool_))
-
   mfm_init = bool(config.mfm.enabled and config.mfm.rebuild and config.mfm.init_from)
   if config.init_from or mfm_init:
-    variables = init_variables(config, host, mfm_task, rng)
+    variables = init_variables(config, net, mfm_task, rng)
     if config.init_from:
       variables = load_init(config, variables)
     if mfm_init:
       variables = load_rebuilder_init(config, variables)
     return jax.jit(from_variables, out_shardings=sharding)(variables)
-  return jax.jit(lambda r: from_variables(init_variables(config, host, mfm_task, r)),
+  return jax.jit(lambda r: from_variables(init_variables(config, net, mfm_task, r)),
                  out_shardings=sharding)(rng)
 
 
-def abstract_train_state(config, host, mfm_task, tx, sharding=None) -> TrainState:
+def abstract_variables(config: ml_collections.ConfigDict, net: SegmentationNetwork,
+                       mfm_task: MFMTask | None = None) -> dict[str, Any]:
+  """Shapes/dtypes of the student's ``{'params', 'batch_stats'}`` (nothing allocated)."""
+  return jax.eval_shape(lambda: init_variables(config, net, mfm_task, jax.random.key(0)))
+
+
+def abstract_train_state(config, net, mfm_task, tx, sharding=None) -> TrainState:
   """Shapes/dtypes (with shardings) of the train state, without allocating it."""
-  def make():
-    variables = init_variables(config, host, mfm_task, jax.random.key(config.seed))
-    params, bstats = variables["params"], variables["batch_stats"]
-    teacher, imnet = needs_teacher(config), needs_imnet(config)
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, batch_stats=bstats,
-        opt_state=tx.init(params), ema_params=params["model"] if teacher else None,
-        ema_batch_stats=bstats if teacher else None,
-        imnet_params=params["model"]["backbone"] if imnet else None,
-        imnet_batch_stats=bstats.get("backbone", {}) if imnet else None,
-        nonfinite=jnp.zeros((), jnp.bool_))
-  shapes = jax.eval_shape(make)
+  shapes = jax.eval_shape(
+      lambda: _initial_state(config, init_variables(config, net, mfm_task,
+                                                    jax.random.key(config.seed)), tx))
   if sharding is None:
     return shapes
   return jax.tree_util.tree_map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
-def build_optimizer(config: ml_collections.ConfigDict, host, mfm_task):
+def build_optimizer(config: ml_collections.ConfigDict, net, mfm_task):
   """AdamW with the reference param groups, built from the abstract parameter tree."""
-  params = jax.eval_shape(
-      lambda: init_variables(config, host, mfm_task, jax.random.key(0))["params"])
+  params = abstract_variables(config, net, mfm_task)["params"]
   return optim.make_optimizer(config.optim, params, config.num_steps)
 
 

@@ -8,7 +8,7 @@ accumulates gradients, which equals one ``value_and_grad`` over their sum):
 3. Teacher forward on the clean target → pseudo-labels + confidence weight (τ = 0.968).
 4. ClassMix of source/target + colour jitter + blur → weighted CE.
 5. MIC: colour-augmented, block-masked target → weighted CE vs the same pseudo-labels.
-6. MFM (mfm_method.md, ``mfm_task.MFMTask.terms``): target encoder features → latent keep
+6. MFM (mfm_method.md, ``mfm_jax/uda/mfm.py: MFMTask.terms``): target encoder features → latent keep
    mask → Rebuilder → decoder → CE against the pseudo-labels.
 7. AdamW step.
 
@@ -18,16 +18,17 @@ state and a resumed run replays exactly.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mfm_jax.models.network import SegmentationHost
-from mfm_jax.uda.mfm_task import MFMTask
+from mfm_jax.models.network import SegmentationNetwork, variables
+from mfm_jax.trainer import parallel
+from mfm_jax.trainer.state import TrainState, needs_imnet, needs_teacher
+from mfm_jax.uda.mfm import MFMTask
 from mfm_jax.uda import augment, classmix, ema, feature_distance, masking, pseudo_labels
 
 Batch = dict[str, jax.Array]
@@ -37,37 +38,7 @@ _STREAMS = ("src", "mix_select", "mix_aug", "mix_fwd", "mic_aug", "mic_mask", "m
             "mfm_tgt_enc", "mfm_tgt", "mfm_src")
 
 
-@flax.struct.dataclass
-class TrainState:
-  """Everything a run needs to continue; ``None`` fields are unused by the config."""
-
-  step: jax.Array
-  params: Any  # {'model': segmentor params, 'rebuilder': {...}} (rebuilder only with MFM)
-  batch_stats: Any  # student BatchNorm statistics
-  opt_state: Any
-  ema_params: Any  # EMA teacher (segmentor params only)
-  ema_batch_stats: Any  # teacher BN statistics (its own, not averaged: §2.2)
-  imnet_params: Any  # frozen ImageNet encoder copy for the feature distance
-  imnet_batch_stats: Any
-  # Sticky flag, OR-ed every step: a loss or the gradient norm was NaN/Inf at some step. The
-  # loop reads it with the logged metrics and before every save (no host sync per step).
-  nonfinite: jax.Array
-
-
-def needs_teacher(config: ml_collections.ConfigDict) -> bool:
-  return bool(config.uda.enabled) or (
-      bool(config.mfm.enabled) and config.mfm.objective == "feature")
-
-
-def needs_imnet(config: ml_collections.ConfigDict) -> bool:
-  return bool(config.uda.fd.enabled) and config.uda.fd.weight > 0
-
-
-def _vars(params, batch_stats) -> dict[str, Any]:
-  return {"params": params, "batch_stats": batch_stats if batch_stats is not None else {}}
-
-
-def make_update_fn(config: ml_collections.ConfigDict, host: SegmentationHost,
+def make_update_fn(config: ml_collections.ConfigDict, net: SegmentationNetwork,
                    mfm_task: MFMTask | None, tx: optax.GradientTransformation,
                    *, with_grads: bool = False
                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
@@ -94,7 +65,7 @@ def make_update_fn(config: ml_collections.ConfigDict, host: SegmentationHost,
     pl = pw = t_feats = t_logits = t_src_feats = None
     if use_teacher:
       ema_params = ema.ema_update(ema_params, state.params["model"], state.step, uda.ema_alpha)
-      t_logits, t_feats, ema_bs = host.predict(_vars(ema_params, ema_bs), tgt_img, train=True)
+      t_logits, t_feats, ema_bs = net.predict(variables(ema_params, ema_bs), tgt_img, train=True)
       pl, pw = pseudo_labels.pseudo_labels(
           t_logits, (h, w), threshold=uda.pseudo_threshold, valid_mask=batch["target_valid"],
           ignore_top=uda.pseudo_ignore_top, ignore_bottom=uda.pseudo_ignore_bottom)
@@ -103,23 +74,23 @@ def make_update_fn(config: ml_collections.ConfigDict, host: SegmentationHost,
       if use_mfm and mfm_cfg.objective == "feature" and mfm_cfg.domain in ("source", "both"):
         # Teacher features of the source crop for the feature-regression objective (its BN
         # statistics are not kept: this pass only provides regression targets).
-        t_src_feats, _ = host.encode(_vars(ema_params, ema_bs), src_img, train=True,
-                                     deterministic=True)
+        t_src_feats, _ = net.mfm_encode(variables(ema_params, ema_bs), src_img, train=True,
+                                         deterministic=True)
     imnet_feats = None
     if use_fd:
-      imnet_feats, _ = host.fd_encode(
-          _vars({"backbone": state.imnet_params}, state.imnet_batch_stats), src_img, train=False)
-      imnet_feats = jax.lax.stop_gradient(host.fd_features(imnet_feats))
+      imnet_feats, _ = net.fd_encode(
+          variables({"backbone": state.imnet_params}, state.imnet_batch_stats), src_img, train=False)
+      imnet_feats = jax.lax.stop_gradient(net.fd_features(imnet_feats))
 
     def loss_fn(params):
       terms: dict[str, jax.Array] = {}
       bs = state.batch_stats
       # 2. Source CE (+ ImageNet feature distance).
-      terms["src_ce"], src_feats, bs = host.forward_loss(
-          _vars(params["model"], bs), src_img, src_lbl, rng=keys["src"])
+      terms["src_ce"], src_feats, bs = net.forward_loss(
+          variables(params["model"], bs), src_img, src_lbl, rng=keys["src"])
       if use_fd:
         terms["fd"] = uda.fd.weight * feature_distance.feature_distance(
-            host.fd_features(src_feats), imnet_feats, src_lbl, classes=tuple(uda.fd.classes),
+            net.fd_features(src_feats), imnet_feats, src_lbl, classes=tuple(uda.fd.classes),
             scale_min_ratio=uda.fd.scale_min_ratio)
       if uda.enabled:
         # 4. ClassMix + strong augmentation, weighted CE on the mixed batch.
@@ -133,8 +104,8 @@ def make_update_fn(config: ml_collections.ConfigDict, host: SegmentationHost,
         mix_img = augment.strong_transform(
             keys["mix_aug"], mix_img, color_jitter_probability=uda.color_jitter_probability,
             color_jitter_strength=uda.color_jitter_strength, blur=uda.blur, per_sample=True)
-        terms["mix_ce"], _, bs = host.forward_loss(
-            _vars(params["model"], bs), mix_img, mix_lbl, mix_w, rng=keys["mix_fwd"])
+        terms["mix_ce"], _, bs = net.forward_loss(
+            variables(params["model"], bs), mix_img, mix_lbl, mix_w, rng=keys["mix_fwd"])
         # 5. MIC masked image consistency.
         if uda.mic.enabled:
           mic_img = tgt_img
@@ -143,14 +114,14 @@ def make_update_fn(config: ml_collections.ConfigDict, host: SegmentationHost,
                 keys["mic_aug"], mic_img, color_jitter_probability=uda.color_jitter_probability,
                 color_jitter_strength=uda.color_jitter_strength, blur=uda.blur, per_sample=False)
           bm = masking.block_mask(keys["mic_mask"], bsz, h, w, uda.mic.block_size, uda.mic.ratio)
-          mic_loss, _, bs = host.forward_loss(
-              _vars(params["model"], bs), mic_img * bm.astype(mic_img.dtype), pl, pw,
+          mic_loss, _, bs = net.forward_loss(
+              variables(params["model"], bs), mic_img * bm.astype(mic_img.dtype), pl, pw,
               rng=keys["mic_fwd"])
           terms["mic_ce"] = uda.mic.weight * mic_loss
-      # 6. Masked Feature Modeling (mfm_jax/uda/mfm_task.py owns the loss).
+      # 6. Masked Feature Modeling (mfm_jax/uda/mfm.py owns the loss).
       if use_mfm:
         mfm_terms, bs = mfm_task.terms(
-            params, host, bs, keys=keys,
+            params, net, bs, keys=keys,
             target=dict(images=tgt_img, labels=pl, weights=pw, teacher_features=t_feats,
                         teacher_logits=t_logits),
             source=dict(images=src_img, labels=src_lbl, features=src_feats,
@@ -174,3 +145,28 @@ def make_update_fn(config: ml_collections.ConfigDict, host: SegmentationHost,
     return new_state, metrics
 
   return update_fn
+
+
+def jit_update_fn(config: ml_collections.ConfigDict, net: SegmentationNetwork,
+                  mfm_task: MFMTask | None, tx: optax.GradientTransformation, mesh, *,
+                  donate: bool = True, with_grads: bool = False
+                  ) -> tuple[Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
+                             Callable[[], int]]:
+  """``make_update_fn`` jitted for data parallelism over ``mesh`` → (step, traces).
+
+  The state is replicated and every batch array sharded on its leading axis; ``donate`` lets
+  XLA reuse the old state's buffers. ``traces()`` is how often JAX has traced the step: 1 in a
+  healthy run (the train loop logs it as ``perf/step_traces``); more means a shape, dtype or
+  sharding changed between calls and the step was compiled again.
+  """
+  update_fn = make_update_fn(config, net, mfm_task, tx, with_grads=with_grads)
+  count = [0]
+
+  def counted(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    count[0] += 1  # runs only while JAX traces
+    return update_fn(state, batch)
+
+  repl = parallel.replicated(mesh)
+  step = jax.jit(counted, donate_argnums=(0,) if donate else (),
+                 in_shardings=(repl, parallel.data_sharded(mesh)), out_shardings=(repl, repl))
+  return step, lambda: count[0]
