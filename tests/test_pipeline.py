@@ -8,7 +8,7 @@ import PIL.Image
 import pytest
 
 from mfm_jax.config import lib as config_lib
-from mfm_jax.data import builders, pipeline
+from mfm_jax.data import builders, pipeline, splits
 from mfm_jax.data import rcs as rcs_lib
 
 RARE = 18  # bicycle (Cityscapes label id 33): only in one GTA image
@@ -186,7 +186,7 @@ def test_worker_processes_give_the_same_batches(data_dir):
 
 def test_prepared_scale_reads_pre_resized_copies_with_the_same_stream(data_dir):
   cfg = data_config(data_dir, prepared_scale=True, **{"rcs.enabled": True})
-  with pytest.raises(builders.DatasetNotPreparedError, match="--scale=64x36"):
+  with pytest.raises(splits.DatasetNotPreparedError, match="--scale=64x36"):
     pipeline.make_train_iterator(cfg, seed=7)
   root = os.path.dirname(data_dir)
   builders.prepare("gta5", f"{root}/raw/gta", data_dir, scale=(64, 36))
@@ -210,7 +210,7 @@ def test_config_errors_are_clear(data_dir):
     next(pipeline.make_train_iterator(data_config(data_dir, crop_size=(24,)), seed=0))
   with pytest.raises(ValueError, match="Unknown dataset name 'gta6'"):
     pipeline.make_train_iterator(data_config(data_dir, source="gta6"), seed=0)
-  with pytest.raises(builders.DatasetNotPreparedError, match="mfm_jax.data.prepare"):
+  with pytest.raises(splits.DatasetNotPreparedError, match="mfm_jax.data.prepare"):
     pipeline.make_train_iterator(data_config(data_dir, source="synthia"), seed=0)
   with pytest.raises(ValueError, match="eval_split='test'"):
     pipeline.make_eval_dataset(data_config(data_dir, eval_split="test"))

@@ -12,6 +12,7 @@ import pytest
 from mfm_jax.config import lib as config_lib
 from mfm_jax.data import builders
 from mfm_jax.data import labels
+from mfm_jax.data import splits
 from mfm_jax.data import synthetic
 
 SIZE = dict(width=96, height=48)
@@ -127,14 +128,14 @@ def test_ensure_synthetic_prepares_through_builders(tmp_path):
   s.num_source, s.num_target, s.num_val, s.width, s.height = 5, 4, 3, 64, 32
   data_dir = synthetic.ensure_synthetic(cfg)
   assert data_dir.startswith(cfg.data_dir) and synthetic.synthetic_key(cfg) in data_dir
-  src, tgt = builders.resolve("synthetic_source", cfg), builders.resolve("synthetic_target", cfg)
+  src, tgt = splits.resolve("synthetic_source", cfg), splits.resolve("synthetic_target", cfg)
   assert (src.dataset, src.data_dir, dict(src.splits)) == ("gta5", data_dir, {"train": "train"})
   assert (tgt.dataset, dict(tgt.splits)) == ("cityscapes", {"train": "train", "val": "val"})
   sizes, total = {}, np.zeros(19, np.int64)
   for ds, split in (("gta5", "train"), ("cityscapes", "train"), ("cityscapes", "val")):
-    source = builders.open_split(ds, split, data_dir)
+    source = splits.open_split(ds, split, data_dir)
     sizes[(ds, split)] = len(source)
-    stats = builders.load_class_stats(ds, split, data_dir)
+    stats = splits.load_class_stats(ds, split, data_dir)
     total += stats.sum(0)
     for i in range(len(source)):
       rec = source[i]
@@ -150,4 +151,4 @@ def test_ensure_synthetic_prepares_through_builders(tmp_path):
   assert synthetic.ensure_synthetic(cfg) == data_dir and os.path.getmtime(info) == mtime
   s.seed = 1
   assert synthetic.synthetic_data_dir(cfg) != data_dir
-  assert builders.resolve("synthetic_source", cfg, prepare_missing=False).data_dir != data_dir
+  assert splits.resolve("synthetic_source", cfg, prepare_missing=False).data_dir != data_dir

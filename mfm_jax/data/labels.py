@@ -56,7 +56,7 @@ def lookup_table(id_to_train_id: dict[int, int], size: int = 65536) -> np.ndarra
 
 
 # ---------------------------------------------------------------------------------------------
-# Raw label files → train ids, with validation (used at prepare time by `builders.py`).
+# Raw label files → train ids, with validation (used at prepare time by `raw_files.py`).
 
 # cityscapesScripts labels.py defines ids 0..33 plus -1 (license plate), which a uint8
 # `*_labelIds.png` cannot hold; 255 is accepted as "already ignored". GTA5 uses the same ids.

@@ -29,7 +29,7 @@ from absl import logging
 import grain
 import numpy as np
 
-from mfm_jax.data import builders
+from mfm_jax.data import splits as splits_lib
 from mfm_jax.data import rcs as rcs_lib
 from mfm_jax.data import transforms
 
@@ -57,7 +57,7 @@ class _Split:
   scale: tuple[int, int] | None = None  # pre-resized copy (config.data.prepared_scale)
 
   def open(self):
-    return builders.open_split(self.dataset, self.split, self.data_dir, scale=self.scale)
+    return splits_lib.open_split(self.dataset, self.split, self.data_dir, scale=self.scale)
 
 
 def _resolve(name: str, data_cfg, role: str, key: str) -> _Split:
@@ -67,7 +67,7 @@ def _resolve(name: str, data_cfg, role: str, key: str) -> _Split:
   scale = None
   if data_cfg.get("prepared_scale", False):
     scale = _pair(data_cfg[f"{key}_scale"], f"{key}_scale")
-  resolved = builders.resolve(name, data_cfg, scale=scale)
+  resolved = splits_lib.resolve(name, data_cfg, scale=scale)
   if role not in resolved.splits:
     raise ValueError(f"config.data.{key}={name!r} has no {role!r} split (it has "
                      f"{sorted(resolved.splits)}).")
@@ -76,7 +76,7 @@ def _resolve(name: str, data_cfg, role: str, key: str) -> _Split:
 
 
 def _eval_split(data_cfg) -> _Split:
-  resolved = builders.resolve(data_cfg.target, data_cfg)
+  resolved = splits_lib.resolve(data_cfg.target, data_cfg)
   split = data_cfg.eval_split
   if split not in resolved.splits and split not in resolved.splits.values():
     raise ValueError(f"config.data.eval_split={split!r} does not exist for "
@@ -256,7 +256,7 @@ def make_train_iterator(data_cfg, *, seed: int, process_index: int = 0, process_
   target = _resolve(data_cfg.target, data_cfg, "train", "target")
   sampler = None
   if data_cfg.rcs.enabled:
-    stats = builders.load_class_stats(source.dataset, source.split, source.data_dir,
+    stats = splits_lib.load_class_stats(source.dataset, source.split, source.data_dir,
                                       scale=source.scale)  # counted at original resolution
     sampler = rcs_lib.RareClassSampler(stats, float(data_cfg.rcs.temperature),
                                        int(data_cfg.rcs.min_pixels))

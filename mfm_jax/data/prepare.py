@@ -7,7 +7,7 @@ r"""Prepares raw datasets as TFDS ArrayRecord datasets (no TensorFlow needed).
       --label_map=my_data/label_map.json
   python -m mfm_jax.data.prepare --dataset=synthetic --data_dir=~/tfds [--raw_dir=DIR]
 
-Raw layouts are listed in ``mfm_jax/data/builders.py``. ``--scale=WxH`` stores a keep-ratio
+Raw layouts are listed in ``mfm_jax/data/raw_files.py``. ``--scale=WxH`` stores a keep-ratio
 pre-resized copy next to the full-resolution one (smaller, faster to load, fixed scale).
 ``synthetic`` generates the procedural benchmark (``--synthetic_*`` flags) and prepares its
 gta5 and cityscapes datasets under ``<data_dir>/synthetic/<key>``, exactly as training's
