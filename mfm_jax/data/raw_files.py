@@ -123,17 +123,6 @@ def _encode_png(array: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
-def _resize_pair(image: np.ndarray, label: np.ndarray, size_wh: tuple[int, int]):
-  """Bilinear image / nearest label resize with the reference's torch rules (mfm_jax.ops)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mfm_jax import ops  # pylint: disable=g-import-not-at-top
-  w, h = size_wh
-  img = ops.resize_bilinear(jnp.asarray(image, jnp.float32)[None], (h, w))[0]
-  img = np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8)
-  lab = np.asarray(ops.resize_nearest(jnp.asarray(label)[None], (h, w))[0])
-  return img, lab
-
-
 def load_example(raw_dir: str, image_rel: str, label_rel: str, dataset: str,
                  id_map: Mapping[int, int], known: frozenset[int],
                  scale: tuple[int, int] | None,
@@ -170,9 +159,12 @@ def load_example(raw_dir: str, image_rel: str, label_rel: str, dataset: str,
   train_ids = labels.to_train_ids(ids, dict(id_map))
   counts = labels.class_pixel_counts(train_ids)  # at original resolution (RCS, §2.5)
   if scale is not None:
-    h, w = transforms.keep_ratio_size(image.shape[0], image.shape[1], scale)
-    if (h, w) != image.shape[:2]:
-      image, train_ids = _resize_pair(image, train_ids, (w, h))
+    size = transforms.keep_ratio_size(image.shape[0], image.shape[1], scale)
+    if size != image.shape[:2]:
+      # The numpy twins of mfm_jax.ops' torch-rule resizes, as the training pipeline uses:
+      # bilinear (rounded to uint8) for the image, nearest for the train ids.
+      image = transforms.resize_bilinear(image, size)
+      train_ids = transforms.resize_nearest(train_ids, size)
       keep_bytes = False
   return (data if keep_bytes else _encode_png(image)), _encode_png(train_ids), counts
 
