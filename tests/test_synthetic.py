@@ -31,7 +31,7 @@ def _read_all(root):
 
 
 def test_deterministic_layout_and_known_ids(tmp_path):
-  kw = dict(num_source=4, num_target=3, num_val=2, **SIZE)
+  kw = dict(num_source=4, num_target=3, num_val=2, shift=1.0, **SIZE)
   synthetic.generate(str(tmp_path / "a"), seed=5, **kw)
   synthetic.generate(str(tmp_path / "b"), seed=5, **kw)
   synthetic.generate(str(tmp_path / "c"), seed=6, **kw)
@@ -117,7 +117,7 @@ def test_domain_shift(tmp_path, shift):
 def test_generation_speed(tmp_path):
   start = time.time()
   synthetic.generate(str(tmp_path), seed=0, num_source=60, num_target=30, num_val=10,
-                     width=192, height=96)
+                     width=192, height=96, shift=1.25)
   assert time.time() - start < 10.0  # ~600 images in a few seconds
 
 
