@@ -158,7 +158,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if not self._label_map:
       return raw_files.ID_MAPS["cityscapes"]
     id_map = labels.load_label_map(self._label_map)
-    return id_map, frozenset(id_map) | {labels.IGNORE_LABEL}
+    return id_map, frozenset(id_map) | {labels.IGNORE_INDEX}
 
   def _split_generators(self, dl_manager):
     del dl_manager

@@ -29,8 +29,9 @@ from absl import logging
 import grain
 import numpy as np
 
-from mfm_jax.data import splits as splits_lib
+from mfm_jax.data import labels
 from mfm_jax.data import rcs as rcs_lib
+from mfm_jax.data import splits as splits_lib
 from mfm_jax.data import transforms
 
 _SOURCE, _TARGET = 0, 1  # RNG stream ids of the two domains
@@ -145,7 +146,7 @@ class _BatchMaker:
     rng = np.random.default_rng([self.seed, g, _TARGET])
     ex = dict(tgt[int(rng.integers(len(tgt)))])
     if ex.get("label") is None:  # unlabelled target: all ignore
-      ex["label"] = np.full(ex["image"].shape[:2], transforms.IGNORE_INDEX, np.uint8)
+      ex["label"] = np.full(ex["image"].shape[:2], labels.IGNORE_INDEX, np.uint8)
     return self._transform(ex, self.target, rng, scale=self.target_scale,
                            margins=self.margins)
 

@@ -39,7 +39,7 @@ from mfm_jax.data import labels
 GENERATOR_VERSION = 2  # bump when the rendering changes: it keys the cached folders
 ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR = (
     0, 1, 2, 5, 7, 8, 9, 10, 11, 13)
-EGO = 255  # target bonnet, written with Cityscapes id 1 ("ego vehicle")
+EGO = labels.IGNORE_INDEX  # target bonnet: ignored, written with Cityscapes id 1 ("ego vehicle")
 USED_CLASSES = (ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR)
 _TRAIN_TO_LABEL_ID = np.zeros(256, np.uint8)
 for _label_id, _train_id in labels.CITYSCAPES_ID_TO_TRAIN_ID.items():
