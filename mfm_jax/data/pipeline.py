@@ -16,7 +16,8 @@ the next step (plus the seed and batch size it was made with); ``set_state`` reb
 pipeline from that step, which also lets a run resume with another worker or process count.
 
 grain workers are spawned processes: the launching program needs an
-``if __name__ == "__main__":`` guard, and absl flags must be parsed (``app.run`` does it).
+``if __name__ == "__main__":`` guard. grain also reads an absl flag when it starts them; a
+caller that did not parse flags gets them marked parsed here (``_ensure_flags_parsed``).
 """
 
 from __future__ import annotations
@@ -165,8 +166,17 @@ class _BatchMaker:
 
 
 def _ensure_flags_parsed() -> None:
-  # grain's process prefetch reads absl flags in the parent; a program without app.run (a
-  # notebook, pytest) has not parsed them, so use their defaults.
+  """Marks absl flags as parsed (keeping their defaults) before grain starts worker processes.
+
+  Still required with grain 0.2.18: ``mp_prefetch`` calls
+  ``grain._src.core.profiler.is_worker_profiling_enabled()`` in the launching process, which
+  reads the absl flag ``--grain_enable_multiprocess_worker_profiling`` (whenever a profiler
+  framework such as JAX has registered with grain). In a program that never ran ``app.run``
+  (pytest, a notebook, a library caller) that read raises ``UnparsedFlagAccessError``; without
+  this call ``tests/test_pipeline.py::test_worker_processes_give_the_same_batches`` fails
+  that way. Programs started through ``app.run``/``errors.run`` have parsed flags and are
+  unaffected. Remove this once grain reads the flag with ``get_or_default`` like its others.
+  """
   if not flags.FLAGS.is_parsed():
     logging.info("absl flags not parsed; marking them parsed (defaults) for grain workers.")
     flags.FLAGS.mark_as_parsed()
