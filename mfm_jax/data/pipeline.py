@@ -170,8 +170,9 @@ def _ensure_flags_parsed() -> None:
 
   Still required with grain 0.2.18: ``mp_prefetch`` calls
   ``grain._src.core.profiler.is_worker_profiling_enabled()`` in the launching process, which
-  reads the absl flag ``--grain_enable_multiprocess_worker_profiling`` (whenever a profiler
-  framework such as JAX has registered with grain). In a program that never ran ``app.run``
+  reads the absl flag ``--grain_enable_multiprocess_worker_profiling`` (whenever grain's
+  profiler module could import ``jax.profiler`` with subprocess hooks, i.e. always here). In
+  a program that never ran ``app.run``
   (pytest, a notebook, a library caller) that read raises ``UnparsedFlagAccessError``; without
   this call ``tests/test_pipeline.py::test_worker_processes_give_the_same_batches`` fails
   that way. Programs started through ``app.run``/``errors.run`` have parsed flags and are
