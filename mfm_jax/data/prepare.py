@@ -80,6 +80,8 @@ def _summary(dataset: str, path: str) -> str:
 
 def main(argv):
   del argv
+  # Imported here, not at the top: spawned prepare workers re-import this module as
+  # __mp_main__ and should load only raw_files (no TFDS, no JAX; tested).
   from mfm_jax.data import builders  # pylint: disable=g-import-not-at-top
   data_dir = os.path.abspath(os.path.expanduser(_DATA_DIR.value))
   start = time.time()
