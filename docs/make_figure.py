@@ -31,7 +31,7 @@ def _scenes(config, rows: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
   s = config.data.synthetic
   with tempfile.TemporaryDirectory() as tmp:
     dirs = synthetic.generate(tmp, seed=s.seed, num_source=rows, num_target=1, num_val=rows,
-                              width=s.width, height=s.height, shift=s.get("shift", 1.0))
+                              width=s.width, height=s.height, shift=s.shift)
     files = lambda root: sorted(os.path.join(d, f) for d, _, fs in os.walk(root)  # noqa: E731
                                 for f in fs)
     source = [predict.read_image(f) for f in files(os.path.join(dirs["gta5"], "images"))]

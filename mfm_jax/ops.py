@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = 255
+from mfm_jax.data.labels import IGNORE_INDEX  # re-exported; defined JAX-free for the host data code
 
 
 def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:

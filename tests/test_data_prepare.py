@@ -1,6 +1,6 @@
-"""Tests for mfm_jax.data.builders / prepare: tiny fake GTA5, SYNTHIA, Cityscapes and folder
-datasets in their real layouts, label mapping, class pixels, splits, pre-resize, bad input and
-atomicity."""
+"""Tests for mfm_jax.data.raw_files / builders / splits / prepare: tiny fake GTA5, SYNTHIA,
+Cityscapes and folder datasets in their real layouts, label mapping, class pixels, splits,
+pre-resize, bad input, atomicity and JAX-free prepare workers."""
 
 import json
 import os
@@ -17,6 +17,9 @@ import pytest
 
 from mfm_jax.data import builders
 from mfm_jax.data import labels
+from mfm_jax.data import raw_files
+from mfm_jax.data import splits
+from mfm_jax.data import transforms
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H, W = 6, 9
@@ -103,10 +106,10 @@ def make_cityscapes(root, seed=2, counts=(("train", "aachen", 2), ("train", "bon
 
 
 def _check(dataset, split, data_dir, raw, id_map):
-  src = builders.open_split(dataset, split, data_dir)
+  src = splits.open_split(dataset, split, data_dir)
   ids = sorted(k for k in raw if f"/{split}/" in k or dataset in ("gta5", "synthia"))
   assert len(src) == len(ids)
-  stats = builders.load_class_stats(dataset, split, data_dir)
+  stats = splits.load_class_stats(dataset, split, data_dir)
   assert stats.shape == (len(ids), 19) and stats.dtype == np.int64
   for i, image_id in enumerate(ids):  # record order = sorted file order
     rec = src[i]
@@ -133,29 +136,26 @@ def test_gta5_synthia_cityscapes_mapping(tmp_path):
   _check("synthia", "train", data, syn, labels.SYNTHIA_ID_TO_TRAIN_ID)
   _check("cityscapes", "train", data, cs, labels.CITYSCAPES_ID_TO_TRAIN_ID)
   _check("cityscapes", "val", data, cs, labels.CITYSCAPES_ID_TO_TRAIN_ID)
-  assert len(builders.open_split("cityscapes", "train", data)) == 3
+  assert len(splits.open_split("cityscapes", "train", data)) == 3
   with pytest.raises(KeyError, match="no split 'val'"):
-    builders.open_split("gta5", "val", data)
-  src = pickle.loads(pickle.dumps(builders.open_split("gta5", "train", data)))  # grain workers
+    splits.open_split("gta5", "val", data)
+  src = pickle.loads(pickle.dumps(splits.open_split("gta5", "train", data)))  # grain workers
   assert src[1]["image_id"] == "images/00001.png"
   # Re-running is a no-op that returns the same dataset.
-  assert builders.prepare("gta5", str(tmp_path / "gta"), data) == builders.dataset_path("gta5", data)
+  path = builders.prepare("gta5", str(tmp_path / "gta"), data)
+  assert path == builders.dataset_path("gta5", data)
 
 
 def test_rescale_rule_and_prescaled_config(tmp_path):
-  assert builders.rescale_size(1914, 1052, (1280, 720)) == (1280, 704)  # §3.2
-  assert builders.rescale_size(2048, 1024, (1024, 512)) == (1024, 512)
-  assert builders.rescale_size(1280, 760, (1280, 760)) == (1280, 760)
-  assert builders.rescale_size(1914, 1052, (2560, 1440)) == (2560, 1407)
   raw = make_gta(tmp_path / "gta", n=2)
   data = str(tmp_path / "tfds")
-  with pytest.raises(builders.DatasetNotPreparedError):
-    builders.open_split("gta5", "train", data, scale=(6, 4))
+  with pytest.raises(splits.DatasetNotPreparedError):
+    splits.open_split("gta5", "train", data, scale=(6, 4))
   builders.prepare("gta5", str(tmp_path / "gta"), data, scale=(6, 4))
-  with pytest.raises(builders.DatasetNotPreparedError):  # scaled data never stands in for full
-    builders.open_split("gta5", "train", data)
-  src = builders.open_split("gta5", "train", data, scale=(6, 4))
-  w, h = builders.rescale_size(W, H, (6, 4))
+  with pytest.raises(splits.DatasetNotPreparedError):  # scaled data never stands in for full
+    splits.open_split("gta5", "train", data)
+  src = splits.open_split("gta5", "train", data, scale=(6, 4))
+  h, w = transforms.keep_ratio_size(H, W, (6, 4))
   assert (w, h) == (6, 4)
   rows = np.floor(np.arange(h) * H / h).astype(int)  # nearest, torch index rule
   cols = np.floor(np.arange(w) * W / w).astype(int)
@@ -167,7 +167,9 @@ def test_rescale_rule_and_prescaled_config(tmp_path):
     np.testing.assert_array_equal(rec["label"], full[rows][:, cols])
     # class_pixels stay at the original resolution.
     np.testing.assert_array_equal(rec["class_pixels"], np.bincount(full[full < 19], minlength=19))
-    assert abs(float(rec["image"].mean()) - float(img.mean())) < 20  # bilinear, not garbage
+    # Bilinear with the training pipeline's numpy rule, so a pre-resized copy holds exactly
+    # what the online keep-ratio resize would compute.
+    np.testing.assert_array_equal(rec["image"], transforms.resize_bilinear(img, (h, w)))
 
 
 def test_folder_dataset_with_label_map_and_resolve(tmp_path):
@@ -189,9 +191,9 @@ def test_folder_dataset_with_label_map_and_resolve(tmp_path):
   cfg = base.base_config().data
   cfg.data_dir = str(tmp_path / "tfds")
   cfg.folder.source_dir, cfg.folder.label_map = str(root), str(label_map)
-  res = builders.resolve("folder_source", cfg)
+  res = splits.resolve("folder_source", cfg)
   assert res.dataset == "folder" and dict(res.splits) == {"train": "train", "val": "val"}
-  src = builders.open_split("folder", "train", res.data_dir)
+  src = splits.open_split("folder", "train", res.data_dir)
   assert [src[i]["image_id"] for i in range(2)] == ["images/train/sub/0.jpg",
                                                     "images/train/sub/1.png"]
   want = _expected(raw["images/train/sub/1.png"][1], {0: 10, 1: 0, 2: 13})
@@ -200,15 +202,15 @@ def test_folder_dataset_with_label_map_and_resolve(tmp_path):
   # Same data dir, other label map: refused instead of silently reusing.
   other = tmp_path / "map2.json"
   other.write_text(json.dumps({"0": 1, "1": 2, "2": 3, "255": 255}))
-  with pytest.raises(builders.PrepareError, match="different data_dir"):
+  with pytest.raises(raw_files.PrepareError, match="different data_dir"):
     builders.prepare("folder", str(root), res.data_dir, label_map=str(other))
   # A label id absent from the map is rejected with the file name.
   bad = tmp_path / "map3.json"
   bad.write_text(json.dumps({"0": 1}))
-  with pytest.raises(builders.PrepareError, match=r"labels/train/sub/0\.png"):
+  with pytest.raises(raw_files.PrepareError, match=r"labels/train/sub/0\.png"):
     builders.prepare("folder", str(root), str(tmp_path / "other"), label_map=str(bad))
   with pytest.raises(ValueError, match="folder.target_dir"):
-    builders.resolve("folder_target", cfg)
+    splits.resolve("folder_target", cfg)
 
 
 def _corrupt(path):
@@ -258,42 +260,66 @@ def test_bad_input_fails_naming_the_file_and_leaves_nothing(tmp_path, case):
     os.makedirs(f"{root}/gtFine/val/b")
     named = f"{root}/leftImg8bit/val"
   data = str(tmp_path / "tfds")
-  with pytest.raises(builders.PrepareError) as err:
+  with pytest.raises(raw_files.PrepareError) as err:
     builders.prepare(dataset, root, data)
   assert named in str(err.value)
-  with pytest.raises(builders.DatasetNotPreparedError):
-    builders.open_split(dataset, "train", data)
+  with pytest.raises(splits.DatasetNotPreparedError):
+    splits.open_split(dataset, "train", data)
   leftovers = [p for p, _, _ in os.walk(data) if "incomplete" in p]
   assert not leftovers
 
 
 def test_missing_dataset_message_has_the_command(tmp_path):
   data = str(tmp_path / "nothing")
-  with pytest.raises(builders.DatasetNotPreparedError) as err:
-    builders.open_split("synthia", "train", data, scale=(1280, 760))
+  with pytest.raises(splits.DatasetNotPreparedError) as err:
+    splits.open_split("synthia", "train", data, scale=(1280, 760))
   msg = str(err.value)
   assert (f"python -m mfm_jax.data.prepare --dataset=synthia --raw_dir=<RAW_DIR> "
           f"--data_dir={data} --scale=1280x760") in msg
   assert "GT/LABELS" in msg
-  with pytest.raises(builders.DatasetNotPreparedError):
-    builders.load_class_stats("synthia", "train", data)
+  with pytest.raises(splits.DatasetNotPreparedError):
+    splits.load_class_stats("synthia", "train", data)
   with pytest.raises(ValueError, match="label_map is only used"):
     builders.prepare("gta5", data, data, label_map="x.json")
 
 
 _KILL_SCRIPT = """
 import os, sys
-from mfm_jax.data import builders
+from mfm_jax.data import builders, raw_files
 calls = []
-orig = builders.load_example
+orig = raw_files.load_example
 def dying(*args):
   calls.append(1)
   if len(calls) == 3:
     os._exit(7)  # like SIGKILL: no cleanup runs
   return orig(*args)
-builders.load_example = dying
+raw_files.load_example = dying
 builders.prepare('gta5', sys.argv[1], sys.argv[2])
 """
+
+
+_WORKER_SCRIPT = """
+import sys
+import mfm_jax.data.prepare  # what a spawned worker re-imports as __mp_main__ under the CLI
+from mfm_jax.data import labels, raw_files
+ids, known = labels.CITYSCAPES_ID_TO_TRAIN_ID, labels.CITYSCAPES_KNOWN_IDS
+image, label, counts = raw_files.load_packed(
+    (sys.argv[1], "images/00000.png", "labels/00000.png", "gta5", ids, known, (6, 4), "reject"))
+assert image and label and counts.sum() > 0
+heavy = sorted(m for m in ("jax", "jaxlib", "tensorflow_datasets", "mfm_jax.ops")
+               if m in sys.modules)
+print("HEAVY", heavy)
+"""
+
+
+def test_prepare_worker_does_not_import_jax(tmp_path):
+  """The function prepare's spawned workers run (with a resize) never starts JAX or TFDS."""
+  make_gta(tmp_path / "gta", n=1)
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _WORKER_SCRIPT, str(tmp_path / "gta")], env=env,
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "HEAVY []" in proc.stdout, proc.stdout
 
 
 def test_killed_prepare_leaves_no_dataset_then_cli_succeeds(tmp_path):
@@ -305,16 +331,16 @@ def test_killed_prepare_leaves_no_dataset_then_cli_succeeds(tmp_path):
   assert proc.returncode == 7, proc.stderr[-2000:]
   incomplete = os.path.join(data, "mfm_gta5", "full")
   assert any(n.startswith("incomplete.") for n in os.listdir(incomplete))  # TFDS leftover
-  with pytest.raises(builders.DatasetNotPreparedError):
-    builders.open_split("gta5", "train", data)
-  with pytest.raises(builders.DatasetNotPreparedError):
-    builders.load_class_stats("gta5", "train", data)
+  with pytest.raises(splits.DatasetNotPreparedError):
+    splits.open_split("gta5", "train", data)
+  with pytest.raises(splits.DatasetNotPreparedError):
+    splits.load_class_stats("gta5", "train", data)
   proc = subprocess.run([sys.executable, "-m", "mfm_jax.data.prepare", "--dataset=gta5",
                          f"--raw_dir={raw}", f"--data_dir={data}", "--num_workers=1"],
                         env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "gta5: train: 4 images" in proc.stdout
-  assert len(builders.open_split("gta5", "train", data)) == 4
+  assert len(splits.open_split("gta5", "train", data)) == 4
   assert not [n for n in os.listdir(incomplete) if n.startswith("incomplete.")]  # cleaned
   assert "left by an interrupted prepare" in proc.stderr
 
@@ -326,12 +352,12 @@ def test_lossy_and_colour_labels_are_rejected_naming_the_file(tmp_path):
   ids = raw["images/00001.png"][1]
   # JPEG data behind a .png name (the probe: classes silently changed at edges).
   PIL.Image.fromarray(ids, mode="L").save(label, format="JPEG", quality=95)
-  with pytest.raises(builders.PrepareError, match=re.escape(label) + ".*JPEG"):
+  with pytest.raises(raw_files.PrepareError, match=re.escape(label) + ".*JPEG"):
     builders.prepare("gta5", root, data)
   # A colour label: refused, pointing at the flag.
   colour = np.stack([ids, np.roll(ids, 1, axis=1), ids // 2], -1).astype(np.uint8)
   _save(label, colour)
-  with pytest.raises(builders.PrepareError) as err:
+  with pytest.raises(raw_files.PrepareError) as err:
     builders.prepare("gta5", root, data)
   assert label in str(err.value) and "--rgb_labels=first_channel" in str(err.value)
   assert not os.path.exists(builders.dataset_path("gta5", data))
@@ -342,7 +368,7 @@ def test_lossy_and_colour_labels_are_rejected_naming_the_file(tmp_path):
   _save(label, np.repeat(ids[..., None], 3, -1))
   builders.prepare("gta5", root, str(tmp_path / "tfds2"))
   _check("gta5", "train", str(tmp_path / "tfds2"), raw, labels.CITYSCAPES_ID_TO_TRAIN_ID)
-  with pytest.raises(builders.PrepareError, match="rgb_labels='second'"):
+  with pytest.raises(raw_files.PrepareError, match="rgb_labels='second'"):
     builders.prepare("gta5", root, data, rgb_labels="second")
 
 
@@ -353,4 +379,30 @@ def test_stale_incomplete_folders_are_removed(tmp_path):
   os.makedirs(os.path.join(stale, "x"))
   builders.prepare("gta5", root, data)
   assert not os.path.exists(stale)
-  assert len(builders.open_split("gta5", "train", data)) == 2
+  assert len(splits.open_split("gta5", "train", data)) == 2
+
+
+def test_synthetic_cli_takes_unset_parameters_from_the_config(tmp_path):
+  """--synthetic_* flags override config.data.synthetic.*; unset ones (and generate's shift,
+  which has no default of its own) come from the config."""
+  from mfm_jax.config import lib as config_lib  # pylint: disable=g-import-not-at-top
+  from mfm_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  no_shift = dict(seed=0, num_source=1, num_target=1, num_val=1, width=16, height=16)
+  with pytest.raises(TypeError, match="shift"):
+    synthetic.generate(str(tmp_path / "x"), **no_shift)
+  cfg = config_lib.base_config().data
+  del cfg.synthetic["shift"]
+  with pytest.raises(ValueError, match=r"config\.data\.synthetic\.shift"):
+    synthetic.synthetic_key(cfg)
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  base = [sys.executable, "-m", "mfm_jax.data.prepare", "--dataset=synthetic",
+          f"--data_dir={tmp_path / 'tfds'}", "--synthetic_counts=2,2,1", "--synthetic_size=32x16"]
+  shift = config_lib.base_config().data.synthetic.shift
+  for flag, want in (([], shift), (["--synthetic_shift=1.0"], 1.0)):
+    proc = subprocess.run(base + flag, env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"_32x16_shift{want:g}_v{synthetic.GENERATOR_VERSION}" in proc.stdout, proc.stdout
+  proc = subprocess.run(base[:-1] + ["--synthetic_size=32by16"], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1 and "--synthetic_size" in proc.stderr, proc.stderr[-2000:]

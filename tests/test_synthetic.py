@@ -12,6 +12,7 @@ import pytest
 from mfm_jax.config import base
 from mfm_jax.data import builders
 from mfm_jax.data import labels
+from mfm_jax.data import splits
 from mfm_jax.data import synthetic
 
 SIZE = dict(width=96, height=48)
@@ -30,7 +31,7 @@ def _read_all(root):
 
 
 def test_deterministic_layout_and_known_ids(tmp_path):
-  kw = dict(num_source=4, num_target=3, num_val=2, **SIZE)
+  kw = dict(num_source=4, num_target=3, num_val=2, shift=1.0, **SIZE)
   synthetic.generate(str(tmp_path / "a"), seed=5, **kw)
   synthetic.generate(str(tmp_path / "b"), seed=5, **kw)
   synthetic.generate(str(tmp_path / "c"), seed=6, **kw)
@@ -116,7 +117,7 @@ def test_domain_shift(tmp_path, shift):
 def test_generation_speed(tmp_path):
   start = time.time()
   synthetic.generate(str(tmp_path), seed=0, num_source=60, num_target=30, num_val=10,
-                     width=192, height=96)
+                     width=192, height=96, shift=1.25)
   assert time.time() - start < 10.0  # ~600 images in a few seconds
 
 
@@ -127,14 +128,14 @@ def test_ensure_synthetic_prepares_through_builders(tmp_path):
   s.num_source, s.num_target, s.num_val, s.width, s.height = 5, 4, 3, 64, 32
   data_dir = synthetic.ensure_synthetic(cfg)
   assert data_dir.startswith(cfg.data_dir) and synthetic.synthetic_key(cfg) in data_dir
-  src, tgt = builders.resolve("synthetic_source", cfg), builders.resolve("synthetic_target", cfg)
+  src, tgt = splits.resolve("synthetic_source", cfg), splits.resolve("synthetic_target", cfg)
   assert (src.dataset, src.data_dir, dict(src.splits)) == ("gta5", data_dir, {"train": "train"})
   assert (tgt.dataset, dict(tgt.splits)) == ("cityscapes", {"train": "train", "val": "val"})
   sizes, total = {}, np.zeros(19, np.int64)
   for ds, split in (("gta5", "train"), ("cityscapes", "train"), ("cityscapes", "val")):
-    source = builders.open_split(ds, split, data_dir)
+    source = splits.open_split(ds, split, data_dir)
     sizes[(ds, split)] = len(source)
-    stats = builders.load_class_stats(ds, split, data_dir)
+    stats = splits.load_class_stats(ds, split, data_dir)
     total += stats.sum(0)
     for i in range(len(source)):
       rec = source[i]
@@ -150,4 +151,4 @@ def test_ensure_synthetic_prepares_through_builders(tmp_path):
   assert synthetic.ensure_synthetic(cfg) == data_dir and os.path.getmtime(info) == mtime
   s.seed = 1
   assert synthetic.synthetic_data_dir(cfg) != data_dir
-  assert builders.resolve("synthetic_source", cfg, prepare_missing=False).data_dir != data_dir
+  assert splits.resolve("synthetic_source", cfg, prepare_missing=False).data_dir != data_dir

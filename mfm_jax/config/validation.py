@@ -156,12 +156,12 @@ _TRAIN_ONLY = ("gta5", "synthia", "synthetic_source")
 
 
 def _check_names(c: ml_collections.ConfigDict) -> None:
-  from mfm_jax.data import builders  # pylint: disable=g-import-not-at-top
+  from mfm_jax.data import splits  # pylint: disable=g-import-not-at-top
   from mfm_jax.models import segmentor  # pylint: disable=g-import-not-at-top
   for key, value, known in (("model.backbone", c.model.backbone, segmentor.BACKBONES),
                             ("model.head", c.model.head, segmentor.HEADS),
-                            ("data.source", c.data.source, builders.RESOLVABLE),
-                            ("data.target", c.data.target, builders.RESOLVABLE)):
+                            ("data.source", c.data.source, splits.RESOLVABLE),
+                            ("data.target", c.data.target, splits.RESOLVABLE)):
     if value not in known:
       raise ValueError(f"config.{key}={value!r} is unknown; choose one of {tuple(known)}.")
   if c.data.target in _TRAIN_ONLY:

@@ -9,7 +9,9 @@ import numpy as np
 
 from mfm_jax.runtime import errors
 
-IGNORE_LABEL = 255
+# The ignore train id. Its one definition: mfm_jax.ops re-exports it for the JAX code; the
+# host data code (grain and prepare workers) reads it here without importing JAX.
+IGNORE_INDEX = 255
 NUM_CLASSES = 19
 
 CLASSES = (
@@ -49,18 +51,18 @@ THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
 
 def lookup_table(id_to_train_id: dict[int, int], size: int = 65536) -> np.ndarray:
   """Dense uint8 lookup table ``lut[label_id] = train_id`` (255 for unknown ids)."""
-  lut = np.full((size,), IGNORE_LABEL, dtype=np.uint8)
+  lut = np.full((size,), IGNORE_INDEX, dtype=np.uint8)
   for k, v in id_to_train_id.items():
     lut[k] = v
   return lut
 
 
 # ---------------------------------------------------------------------------------------------
-# Raw label files → train ids, with validation (used at prepare time by `builders.py`).
+# Raw label files → train ids, with validation (used at prepare time by `raw_files.py`).
 
 # cityscapesScripts labels.py defines ids 0..33 plus -1 (license plate), which a uint8
 # `*_labelIds.png` cannot hold; 255 is accepted as "already ignored". GTA5 uses the same ids.
-CITYSCAPES_KNOWN_IDS = frozenset(range(34)) | {IGNORE_LABEL}
+CITYSCAPES_KNOWN_IDS = frozenset(range(34)) | {IGNORE_INDEX}
 # SYNTHIA-RAND-CITYSCAPES class ids are 0..22 (synthia.py converter).
 SYNTHIA_KNOWN_IDS = frozenset(range(23))
 
@@ -167,8 +169,8 @@ def load_label_map(path: str) -> dict[int, int]:
       kid, tid = int(k), int(v)
     except (TypeError, ValueError) as e:
       raise LabelError(f"{path}: entry {k!r}: {v!r} is not integer → integer.") from e
-    if not 0 <= kid < 65536 or not (0 <= tid < NUM_CLASSES or tid == IGNORE_LABEL):
+    if not 0 <= kid < 65536 or not (0 <= tid < NUM_CLASSES or tid == IGNORE_INDEX):
       raise LabelError(f"{path}: entry {k!r}: {v!r}: label ids must be in [0, 65535] and "
-                       f"train ids in [0, {NUM_CLASSES - 1}] or {IGNORE_LABEL}.")
+                       f"train ids in [0, {NUM_CLASSES - 1}] or {IGNORE_INDEX}.")
     out[kid] = tid
   return out

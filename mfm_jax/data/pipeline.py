@@ -16,7 +16,8 @@ the next step (plus the seed and batch size it was made with); ``set_state`` reb
 pipeline from that step, which also lets a run resume with another worker or process count.
 
 grain workers are spawned processes: the launching program needs an
-``if __name__ == "__main__":`` guard, and absl flags must be parsed (``app.run`` does it).
+``if __name__ == "__main__":`` guard. grain also reads an absl flag when it starts them; a
+caller that did not parse flags gets them marked parsed here (``_ensure_flags_parsed``).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from absl import logging
 import grain
 import numpy as np
 
-from mfm_jax.data import builders
+from mfm_jax.data import labels
 from mfm_jax.data import rcs as rcs_lib
+from mfm_jax.data import splits as splits_lib
 from mfm_jax.data import transforms
 
 _SOURCE, _TARGET = 0, 1  # RNG stream ids of the two domains
@@ -57,7 +59,7 @@ class _Split:
   scale: tuple[int, int] | None = None  # pre-resized copy (config.data.prepared_scale)
 
   def open(self):
-    return builders.open_split(self.dataset, self.split, self.data_dir, scale=self.scale)
+    return splits_lib.open_split(self.dataset, self.split, self.data_dir, scale=self.scale)
 
 
 def _resolve(name: str, data_cfg, role: str, key: str) -> _Split:
@@ -67,7 +69,7 @@ def _resolve(name: str, data_cfg, role: str, key: str) -> _Split:
   scale = None
   if data_cfg.get("prepared_scale", False):
     scale = _pair(data_cfg[f"{key}_scale"], f"{key}_scale")
-  resolved = builders.resolve(name, data_cfg, scale=scale)
+  resolved = splits_lib.resolve(name, data_cfg, scale=scale)
   if role not in resolved.splits:
     raise ValueError(f"config.data.{key}={name!r} has no {role!r} split (it has "
                      f"{sorted(resolved.splits)}).")
@@ -76,7 +78,7 @@ def _resolve(name: str, data_cfg, role: str, key: str) -> _Split:
 
 
 def _eval_split(data_cfg) -> _Split:
-  resolved = builders.resolve(data_cfg.target, data_cfg)
+  resolved = splits_lib.resolve(data_cfg.target, data_cfg)
   split = data_cfg.eval_split
   if split not in resolved.splits and split not in resolved.splits.values():
     raise ValueError(f"config.data.eval_split={split!r} does not exist for "
@@ -145,7 +147,7 @@ class _BatchMaker:
     rng = np.random.default_rng([self.seed, g, _TARGET])
     ex = dict(tgt[int(rng.integers(len(tgt)))])
     if ex.get("label") is None:  # unlabelled target: all ignore
-      ex["label"] = np.full(ex["image"].shape[:2], transforms.IGNORE_INDEX, np.uint8)
+      ex["label"] = np.full(ex["image"].shape[:2], labels.IGNORE_INDEX, np.uint8)
     return self._transform(ex, self.target, rng, scale=self.target_scale,
                            margins=self.margins)
 
@@ -164,8 +166,18 @@ class _BatchMaker:
 
 
 def _ensure_flags_parsed() -> None:
-  # grain's process prefetch reads absl flags in the parent; a program without app.run (a
-  # notebook, pytest) has not parsed them, so use their defaults.
+  """Marks absl flags as parsed (keeping their defaults) before grain starts worker processes.
+
+  Still required with grain 0.2.18: ``mp_prefetch`` calls
+  ``grain._src.core.profiler.is_worker_profiling_enabled()`` in the launching process, which
+  reads the absl flag ``--grain_enable_multiprocess_worker_profiling`` (whenever grain's
+  profiler module could import ``jax.profiler`` with subprocess hooks, i.e. always here). In
+  a program that never ran ``app.run``
+  (pytest, a notebook, a library caller) that read raises ``UnparsedFlagAccessError``; without
+  this call ``tests/test_pipeline.py::test_worker_processes_give_the_same_batches`` fails
+  that way. Programs started through ``app.run``/``errors.run`` have parsed flags and are
+  unaffected. Remove this once grain reads the flag with ``get_or_default`` like its others.
+  """
   if not flags.FLAGS.is_parsed():
     logging.info("absl flags not parsed; marking them parsed (defaults) for grain workers.")
     flags.FLAGS.mark_as_parsed()
@@ -256,7 +268,7 @@ def make_train_iterator(data_cfg, *, seed: int, process_index: int = 0, process_
   target = _resolve(data_cfg.target, data_cfg, "train", "target")
   sampler = None
   if data_cfg.rcs.enabled:
-    stats = builders.load_class_stats(source.dataset, source.split, source.data_dir,
+    stats = splits_lib.load_class_stats(source.dataset, source.split, source.data_dir,
                                       scale=source.scale)  # counted at original resolution
     sampler = rcs_lib.RareClassSampler(stats, float(data_cfg.rcs.temperature),
                                        int(data_cfg.rcs.min_pixels))

@@ -7,7 +7,7 @@ r"""Prepares raw datasets as TFDS ArrayRecord datasets (no TensorFlow needed).
       --label_map=my_data/label_map.json
   python -m mfm_jax.data.prepare --dataset=synthetic --data_dir=~/tfds [--raw_dir=DIR]
 
-Raw layouts are listed in ``mfm_jax/data/builders.py``. ``--scale=WxH`` stores a keep-ratio
+Raw layouts are listed in ``mfm_jax/data/raw_files.py``. ``--scale=WxH`` stores a keep-ratio
 pre-resized copy next to the full-resolution one (smaller, faster to load, fixed scale).
 ``synthetic`` generates the procedural benchmark (``--synthetic_*`` flags) and prepares its
 gta5 and cityscapes datasets under ``<data_dir>/synthetic/<key>``, exactly as training's
@@ -44,23 +44,28 @@ _RGB_LABELS = flags.DEFINE_enum(
     "read the class id from the 'first_channel' (R). SYNTHIA labels are always read from R.")
 _WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
                                 "Processes decoding and validating raw files.")
-_SYN_SEED = flags.DEFINE_integer("synthetic_seed", 0, "synthetic: seed.")
-_SYN_COUNTS = flags.DEFINE_list("synthetic_counts", ["400", "200", "60"],
-                                "synthetic: num_source,num_target,num_val.")
-_SYN_SIZE = flags.DEFINE_string("synthetic_size", "192x96", "synthetic: WxH.")
-_SYN_SHIFT = flags.DEFINE_float("synthetic_shift", 1.0, "synthetic: domain-shift strength.")
+# synthetic: unset flags take config.data.synthetic.* (the parameters' only defaults).
+_SYN_SEED = flags.DEFINE_integer("synthetic_seed", None,
+                                 "synthetic: seed (default: config.data.synthetic.seed).")
+_SYN_COUNTS = flags.DEFINE_list("synthetic_counts", None,
+                                "synthetic: num_source,num_target,num_val (default: "
+                                "config.data.synthetic.num_*).")
+_SYN_SIZE = flags.DEFINE_string("synthetic_size", None, "synthetic: WxH (default: "
+                                "config.data.synthetic.width x height).")
+_SYN_SHIFT = flags.DEFINE_float("synthetic_shift", None, "synthetic: domain-shift strength "
+                                "(default: config.data.synthetic.shift).")
 
 
-def parse_scale(text: str) -> tuple[int, int] | None:
-  """'1280x720' → (1280, 720); '' → None."""
+def parse_scale(text: str, flag: str = "scale") -> tuple[int, int] | None:
+  """'1280x720' → (1280, 720); '' → None. Errors name ``--<flag>``."""
   if not text:
     return None
   try:
     w, h = (int(v) for v in text.lower().split("x"))
   except ValueError as e:
-    raise app.UsageError(f"--scale must look like 1280x720, got {text!r}.") from e
+    raise app.UsageError(f"--{flag} must look like 1280x720, got {text!r}.") from e
   if w <= 0 or h <= 0:
-    raise app.UsageError(f"--scale must be positive, got {text!r}.")
+    raise app.UsageError(f"--{flag} must be positive, got {text!r}.")
   return w, h
 
 
@@ -75,6 +80,8 @@ def _summary(dataset: str, path: str) -> str:
 
 def main(argv):
   del argv
+  # Imported here, not at the top: spawned prepare workers re-import this module as
+  # __mp_main__ and should load only raw_files (no TFDS, no JAX; tested).
   from mfm_jax.data import builders  # pylint: disable=g-import-not-at-top
   data_dir = os.path.abspath(os.path.expanduser(_DATA_DIR.value))
   start = time.time()
@@ -84,10 +91,18 @@ def main(argv):
     cfg = base.base_config().data
     cfg.data_dir, cfg.raw_dir = data_dir, _RAW_DIR.value
     s = cfg.synthetic
-    s.seed = _SYN_SEED.value
-    s.num_source, s.num_target, s.num_val = (int(v) for v in _SYN_COUNTS.value)
-    s.width, s.height = parse_scale(_SYN_SIZE.value)
-    if _SYN_SHIFT.value != 1.0:
+    if _SYN_SEED.value is not None:
+      s.seed = _SYN_SEED.value
+    if _SYN_COUNTS.value is not None:
+      counts = _SYN_COUNTS.value
+      try:
+        s.num_source, s.num_target, s.num_val = (int(v) for v in counts)
+      except ValueError as e:
+        raise app.UsageError("--synthetic_counts must be three ints num_source,num_target,"
+                             f"num_val, got {','.join(counts)!r}.") from e
+    if _SYN_SIZE.value is not None:
+      s.width, s.height = parse_scale(_SYN_SIZE.value, "synthetic_size")
+    if _SYN_SHIFT.value is not None:
       s.shift = _SYN_SHIFT.value
     out = synthetic.ensure_synthetic(cfg)
     lines = [_summary(d, builders.dataset_path(d, out)) for d in ("gta5", "cityscapes")]

@@ -19,7 +19,7 @@ from __future__ import annotations
 from absl import logging
 import numpy as np
 
-NUM_CLASSES = 19
+from mfm_jax.data.labels import NUM_CLASSES
 RETRIES = 10  # the reference re-loads the source sample up to 10 times
 
 

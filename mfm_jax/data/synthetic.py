@@ -13,13 +13,14 @@ classes occur: road, sidewalk, building, pole, traffic sign, vegetation, terrain
 car; the target's ego-vehicle hood has Cityscapes id 1 (→ ignore).
 
 The domain shift is genuine rather than a global colour cast, and scales with ``shift``
-(0 = identical domains, 1 = calibrated default, see ``_STRENGTH``, 2.5 = strongest): every class has its own target colour (e.g. road and sidewalk swap
-brightness, signs go from yellow to blue, buildings from brick to concrete, skies overcast),
-cars/persons take a different colour distribution, textures change contrast, and the target
-adds per-image white balance, gamma, vignetting, sensor noise, blur, a bonnet, a lower camera
-and larger, more frequent objects. What stays shared are the learnable cues: position and
-perspective, shapes, and characteristic textures (lane dashes, tile joints, window grids, leafy
-vegetation noise, smooth sky gradient).
+(0 = identical domains, 1 = the calibrated ``_STRENGTH``, 2.5 = strongest; its only default
+is ``config.data.synthetic.shift``): every class has its own target colour (e.g. road and
+sidewalk swap brightness, signs go from yellow to blue, buildings from brick to concrete,
+skies overcast), cars/persons take a different colour distribution, textures change contrast,
+and the target adds per-image white balance, gamma, vignetting, sensor noise, blur, a bonnet,
+a lower camera and larger, more frequent objects. What stays shared are the learnable cues:
+position and perspective, shapes, and characteristic textures (lane dashes, tile joints, window
+grids, leafy vegetation noise, smooth sky gradient).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from mfm_jax.data import labels
 GENERATOR_VERSION = 2  # bump when the rendering changes: it keys the cached folders
 ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR = (
     0, 1, 2, 5, 7, 8, 9, 10, 11, 13)
-EGO = 255  # target bonnet, written with Cityscapes id 1 ("ego vehicle")
+EGO = labels.IGNORE_INDEX  # target bonnet: ignored, written with Cityscapes id 1 ("ego vehicle")
 USED_CLASSES = (ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR)
 _TRAIN_TO_LABEL_ID = np.zeros(256, np.uint8)
 for _label_id, _train_id in labels.CITYSCAPES_ID_TO_TRAIN_ID.items():
@@ -220,8 +221,11 @@ _TRAIN_CITIES, _VAL_CITIES = ("synthbourg", "synthheim"), ("synthstadt",)
 
 
 def generate(raw_dir: str, *, seed: int, num_source: int, num_target: int, num_val: int,
-             width: int, height: int, shift: float = 1.0) -> dict[str, str]:
+             width: int, height: int, shift: float) -> dict[str, str]:
   """Writes the benchmark's raw files; returns ``{'gta5': dir, 'cityscapes': dir}``.
+
+  ``shift`` is the domain-shift strength (no default here: callers pass
+  ``config.data.synthetic.shift``).
 
   Every image has its own RNG stream ``(seed, domain, split, index)``, so the output is
   bit-identical for the same arguments. About 600 images at 192x96 take a few seconds.
@@ -250,9 +254,14 @@ def generate(raw_dir: str, *, seed: int, num_source: int, num_target: int, num_v
 
 def _params(data_cfg) -> dict:
   s = data_cfg.synthetic
+  missing = [k for k in ("seed", "num_source", "num_target", "num_val", "width", "height",
+                         "shift") if k not in s]
+  if missing:  # e.g. a config written before the key existed: no silent fallback value
+    raise ValueError(f"config.data.synthetic lacks {', '.join(missing)}; set "
+                     f"config.data.synthetic.{missing[0]} (see mfm_jax/config/lib.py).")
   return dict(seed=int(s.seed), num_source=int(s.num_source), num_target=int(s.num_target),
               num_val=int(s.num_val), width=int(s.width), height=int(s.height),
-              shift=float(s.get("shift", 1.0)))
+              shift=float(s.shift))
 
 
 def synthetic_key(data_cfg) -> str:

@@ -23,7 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-IGNORE_INDEX = 255  # = mfm_jax.ops.IGNORE_INDEX (not imported: ops pulls in JAX)
+from mfm_jax.data import labels
+
 # Normalize (RGB): mean/std of the reference's img_norm_cfg (uda_reference.md §3.2).
 MEAN = np.array([123.675, 116.28, 103.53], np.float32)
 STD = np.array([58.395, 57.12, 57.375], np.float32)
@@ -118,7 +119,7 @@ def crop(array: np.ndarray, window: Window) -> np.ndarray:
 
 def cat_max_ok(label: np.ndarray, cat_max_ratio: float) -> bool:
   """mmseg RandomCrop test: ≥ 2 non-ignore classes and the largest one < ratio of them."""
-  counts = np.bincount(label.ravel(), minlength=256)[:IGNORE_INDEX]
+  counts = np.bincount(label.ravel(), minlength=256)[:labels.IGNORE_INDEX]
   counts = counts[counts > 0]
   return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
 
@@ -215,7 +216,7 @@ def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generat
     img, lab = hflip(img), hflip(lab)
     valid = None if valid is None else hflip(valid)
   out = {"image": pad_to(normalize(img), crop_size, 0.0),
-         "label": pad_to(lab.astype(np.int32), crop_size, IGNORE_INDEX)}
+         "label": pad_to(lab.astype(np.int32), crop_size, labels.IGNORE_INDEX)}
   if valid is None:
     out["valid"] = np.ones(tuple(crop_size), np.float32)
   else:

@@ -22,9 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Normalisation of the reference pipelines (img_norm_cfg, RGB order).
-MEAN = (123.675, 116.28, 103.53)
-STD = (58.395, 57.12, 57.375)
+from mfm_jax.data.transforms import MEAN, STD  # img_norm_cfg of the reference (RGB order)
 _TWO_PI = 2.0 * math.pi
 
 
