@@ -36,20 +36,26 @@ from mfm_jax.trainer import parallel
 from mfm_jax.trainer import state as state_lib
 from mfm_jax.trainer.step import jit_update_fn
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:preset].")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
-_TORCH = flags.DEFINE_bool("torch", False, "Also time a PyTorch SegFormer training step.")
-_JSON = flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
-_MFM_COST = flags.DEFINE_bool("mfm_cost", True, "With MFM on: also compile the step without "
-                              "MFM and print both steps' XLA FLOPs and temporary memory.")
-_DEPTHWISE = flags.DEFINE_bool(
-    "depthwise", False, "Also time every depthwise conv shape of the model (forward + backward, "
-    "batch 2+2) in both formulations of config.model.depthwise_impl ('xla' grouped conv vs "
-    "'shift' multiply-adds).")
-_COMPILE_ONLY = flags.DEFINE_bool(
-    "compile_only", False, "Compile the step and report XLA's memory and FLOP figures without "
-    "running it (e.g. the full-size model's memory on a CPU machine).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags (defined only when it runs, so modules can be imported together)."""
+  config_flags.DEFINE_config_file("config", None, "Config file[:preset].")
+  flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
+  flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+  flags.DEFINE_bool("torch", False, "Also time a PyTorch SegFormer training step.")
+  flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
+  flags.DEFINE_bool("mfm_cost", True, "With MFM on: also compile the step without "
+                    "MFM and print both steps' XLA FLOPs and temporary memory.")
+  flags.DEFINE_bool(
+      "depthwise", False, "Also time every depthwise conv shape of the model (forward + backward, "
+      "batch 2+2) in both formulations of config.model.depthwise_impl ('xla' grouped conv vs "
+      "'shift' multiply-adds).")
+  flags.DEFINE_bool(
+      "compile_only", False, "Compile the step and report XLA's memory and FLOP figures without "
+      "running it (e.g. the full-size model's memory on a CPU machine).")
+
 
 # Dense peak TFLOP/s by device kind (vendor data sheets; SXM parts).
 _PEAK_TFLOPS = {
@@ -285,24 +291,25 @@ def run(config, steps: int, warmup: int, with_torch: bool, mfm_cost: bool = True
 
 def main(argv):
   del argv
-  steps = 0 if _COMPILE_ONLY.value else _STEPS.value
-  out = run(_CONFIG.value, steps, _WARMUP.value, _TORCH.value and steps > 0, _MFM_COST.value)
+  steps = 0 if FLAGS.compile_only else FLAGS.steps
+  out = run(FLAGS.config, steps, FLAGS.warmup, FLAGS.torch and steps > 0, FLAGS.mfm_cost)
   width = max(len(k) for k in out)
   for k, v in out.items():
     v = f"{v:.4g}" if isinstance(v, float) else v
     print(f"{k:<{width}}  {v}")
-  if _DEPTHWISE.value:
-    out["depthwise"] = depthwise_table(_CONFIG.value, _STEPS.value, _WARMUP.value)
+  if FLAGS.depthwise:
+    out["depthwise"] = depthwise_table(FLAGS.config, FLAGS.steps, FLAGS.warmup)
     print("depthwise conv, forward + backward (median ms):")
     for row in out["depthwise"]:
       print(f"  {row['shape']:>20} d={row['dilation']:<3} xla {row['xla_ms']:8.3f}  "
             f"shift {row['shift_ms']:8.3f}")
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
       json.dump(out, f, indent=2, default=str)
   logging.info("done")
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from mfm_jax.runtime import json_io
 
 METRICS_FILE = "metrics.jsonl"
 MIOU_KEY = "eval/mIoU"
@@ -111,13 +112,8 @@ def plot_runs(workdirs: Sequence[str], output_path: str,
   axes[0].legend(fontsize=8)
   output_path = os.path.abspath(os.path.expanduser(output_path))
   os.makedirs(os.path.dirname(output_path), exist_ok=True)
-  tmp = f"{output_path}.tmp-{os.getpid()}"
-  try:
+  with json_io.atomic_path(output_path) as tmp:
     fig.savefig(tmp, format="png", dpi=90)
-    os.replace(tmp, output_path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return output_path
 
 

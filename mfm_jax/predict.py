@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 import numpy as np
+from mfm_jax.runtime import json_io
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 OUTPUTS = ("trainIds", "color", "overlay")
@@ -142,13 +143,8 @@ def output_paths(output_dir: str, item: Item) -> dict[str, str]:
 def _save_png(array: np.ndarray, path: str) -> None:
   """Writes ``array`` as PNG under a temporary name in the same folder, then renames."""
   import PIL.Image  # pylint: disable=g-import-not-at-top
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-  try:
+  with json_io.atomic_path(path, hidden=True) as tmp:
     PIL.Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def write_outputs(output_dir: str, item: Item, rgb: np.ndarray, pred: np.ndarray,
@@ -161,13 +157,6 @@ def write_outputs(output_dir: str, item: Item, rgb: np.ndarray, pred: np.ndarray
   _save_png(pred.astype(np.uint8), paths["trainIds"])
   _save_png(color, paths["color"])
   _save_png(visualize.overlay(rgb, color, alpha), paths["overlay"])
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------- running
@@ -299,7 +288,7 @@ def predict(config, checkpoint_path: str, input_spec: str, output_dir: str, *,
       "images_per_s": round(written / seconds, 3) if seconds > 0 else None,
       "images_per_s_after_first_batch": steady,
   }
-  _write_json_atomic(os.path.join(output_dir, SUMMARY_FILE), summary)
+  json_io.write_atomic(os.path.join(output_dir, SUMMARY_FILE), summary)
   return summary
 
 

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from mfm_jax.config import base
 from mfm_jax.trainer import checkpoint
 from mfm_jax.convert import cli
-from mfm_jax.convert import mapping
+from mfm_jax.convert import hf_segformer, mapping
 from mfm_jax.convert import torch_io
 from mfm_jax.models import daformer_head
 from mfm_jax.models import mit
@@ -114,7 +115,6 @@ def test_hrda_key_set_round_trip():
 def test_hrda_module_tree_matches_converter():
   """mfm_jax.models.hrda's segmentor init tree equals the converter's HRDA tree (reference names)."""
   hrda = pytest.importorskip("mfm_jax.models.hrda", reason="HRDA module (mfm_jax/models/hrda.py) not written yet")
-  from mfm_jax.config import base  # pylint: disable=g-import-not-at-top
   config = base.base_config()
   config.model.backbone, config.model.head = "mit_b5", "daformer_sepaspp"
   config.model.hrda.enabled = True
@@ -202,7 +202,7 @@ def test_strict_errors_list_names():
   with pytest.raises(mapping.ConversionError, match="Cannot detect the architecture"):
     mapping.detect_arch({"foo.weight": np.zeros(2)})
   with pytest.raises(mapping.ConversionError, match="no MiT counterpart"):
-    mapping.hf_segformer_to_reference({"decode_head.classifier.weight": np.zeros((2, 2))})
+    hf_segformer.hf_segformer_to_reference({"decode_head.classifier.weight": np.zeros((2, 2))})
 
 
 # ---------------------------------------------------------------- safe reading

@@ -385,19 +385,19 @@ def test_stale_incomplete_folders_are_removed(tmp_path):
 def test_synthetic_cli_takes_unset_parameters_from_the_config(tmp_path):
   """--synthetic_* flags override config.data.synthetic.*; unset ones (and generate's shift,
   which has no default of its own) come from the config."""
-  from mfm_jax.config import lib as config_lib  # pylint: disable=g-import-not-at-top
+  from mfm_jax.config import base  # pylint: disable=g-import-not-at-top
   from mfm_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   no_shift = dict(seed=0, num_source=1, num_target=1, num_val=1, width=16, height=16)
   with pytest.raises(TypeError, match="shift"):
     synthetic.generate(str(tmp_path / "x"), **no_shift)
-  cfg = config_lib.base_config().data
+  cfg = base.base_config().data
   del cfg.synthetic["shift"]
   with pytest.raises(ValueError, match=r"config\.data\.synthetic\.shift"):
     synthetic.synthetic_key(cfg)
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   base = [sys.executable, "-m", "mfm_jax.data.prepare", "--dataset=synthetic",
           f"--data_dir={tmp_path / 'tfds'}", "--synthetic_counts=2,2,1", "--synthetic_size=32x16"]
-  shift = config_lib.base_config().data.synthetic.shift
+  shift = base.base_config().data.synthetic.shift
   for flag, want in (([], shift), (["--synthetic_shift=1.0"], 1.0)):
     proc = subprocess.run(base + flag, env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=120)

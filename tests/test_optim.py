@@ -7,6 +7,7 @@ import optax
 import pytest
 import torch
 
+from mfm_jax.config import base, validation
 from mfm_jax.trainer import optim
 
 REFERENCE_KEYS = {"head": (10, 1), "pos_block": (1, 0), "norm": (1, 0)}
@@ -15,7 +16,8 @@ REFERENCE_KEYS = {"head": (10, 1), "pos_block": (1, 0), "norm": (1, 0)}
 @pytest.mark.parametrize("t,lr", [(0, 6.0e-11), (750, 2.94e-5), (1500, 5.775e-5),
                                   (20000, 3.0e-5), (39999, 1.5e-9)])
 def test_lr_schedule_reference_values(t, lr):
-  sched = optim.lr_schedule(6e-5, 40000, warmup_steps=1500, warmup_ratio=1e-6)
+  sched = optim.lr_schedule(6e-5, 40000, warmup_steps=1500, warmup_ratio=1e-6, power=1.0,
+                            min_lr=0.0)
   got = float(jax.jit(sched)(jnp.int32(t)))
   # uda_reference.md §2.5 quotes 3-4 significant digits (2.94e-5 is 2.94375e-5) ...
   np.testing.assert_allclose(got, lr, rtol=2e-3)
@@ -34,9 +36,10 @@ def test_lr_schedule_formula_min_lr_power():
     if tt < 10:
       regular *= 1 - (1 - tt / 10) * (1 - 0.1)
     np.testing.assert_allclose(float(sched(t)), regular, rtol=1e-6)
-  assert float(optim.lr_schedule(1.0, 10, warmup_steps=0)(0)) == 1.0
+  assert float(optim.lr_schedule(1.0, 10, warmup_steps=0, warmup_ratio=1e-6, power=1.0,
+                                 min_lr=0.0)(0)) == 1.0
   with pytest.raises(ValueError, match="optim.py"):
-    optim.lr_schedule(1.0, 0)
+    optim.lr_schedule(1.0, 0, warmup_steps=0, warmup_ratio=1e-6, power=1.0, min_lr=0.0)
 
 
 def _fake_params():
@@ -76,12 +79,15 @@ def test_param_group_labels_mmcv_semantics():
       "a": {"norm1": "norm1"}}
 
 
-def test_make_optimizer_config_errors():
-  params = _fake_params()
-  with pytest.raises(ValueError, match="unknown optim config"):
-    optim.make_optimizer({"lr": 1e-3, "learning_rate": 1e-3}, params, 10)
-  with pytest.raises(ValueError, match=r"custom_keys\['head'\]"):
-    optim.make_optimizer({"custom_keys": {"head": 10}}, params, 10)
+def test_optim_config_errors_name_the_key():
+  """Optimizer settings are checked by config validation, before anything is built."""
+  c = base.base_config()
+  c.lock()  # as the command line's --config (lock_config=True): unknown keys are refused
+  with pytest.raises(AttributeError, match="learning_rate"):
+    c.optim.learning_rate = 1e-3
+  c.optim.custom_keys = {"head": 10}
+  with pytest.raises(validation.ConfigError, match=r"custom_keys\['head'\]"):
+    validation.validate(c)
 
 
 def test_adamw_parity_with_torch_two_groups():
@@ -89,8 +95,9 @@ def test_adamw_parity_with_torch_two_groups():
   w0 = {"backbone": {"layer": {"kernel": rng.normal(size=(3, 4)).astype(np.float32)},
                      "norm": {"scale": rng.normal(size=(4,)).astype(np.float32)}},
         "decode_head": {"kernel": rng.normal(size=(4, 2)).astype(np.float32)}}
-  cfg = {"lr": 1e-2, "weight_decay": 0.1, "warmup_steps": 3, "warmup_ratio": 0.1,
-         "custom_keys": {"head": [10.0, 1.0], "norm": [1.0, 0.0]}}
+  cfg = base.base_config().optim
+  cfg.update({"lr": 1e-2, "weight_decay": 0.1, "warmup_steps": 3, "warmup_ratio": 0.1,
+              "custom_keys": {"head": [10.0, 1.0], "norm": [1.0, 0.0]}})
   total = 8
   tx = optim.make_optimizer(cfg, w0, total)
   params = jax.tree_util.tree_map(jnp.asarray, w0)
@@ -104,7 +111,7 @@ def test_adamw_parity_with_torch_two_groups():
             {"params": [tp["norm"]], "lr": 1e-2, "weight_decay": 0.0},
             {"params": [tp["head"]], "lr": 1e-1, "weight_decay": 0.1}]
   topt = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
-  base = [g["lr"] for g in groups]
+  base_lrs = [g["lr"] for g in groups]
   for t in range(6):
     grads_np = jax.tree_util.tree_map(
         lambda x: rng.normal(size=x.shape).astype(np.float32), w0)
@@ -112,7 +119,7 @@ def test_adamw_parity_with_torch_two_groups():
     params = optax.apply_updates(params, upd)
     # mmcv: set each group's lr from its own base before the step.
     factor = (1 - t / total) * (1 - (1 - t / 3) * (1 - 0.1) if t < 3 else 1.0)
-    for g, b in zip(topt.param_groups, base):
+    for g, b in zip(topt.param_groups, base_lrs):
       g["lr"] = b * factor
     tp["bb"].grad = torch.from_numpy(grads_np["backbone"]["layer"]["kernel"])
     tp["norm"].grad = torch.from_numpy(grads_np["backbone"]["norm"]["scale"])
@@ -130,13 +137,10 @@ def test_adamw_parity_with_torch_two_groups():
       params["backbone"]["layer"]["kernel"], w0["backbone"]["layer"]["kernel"])
 
 
-def test_make_optimizer_accepts_config_dict_and_defaults():
-  import ml_collections
-  cfg = ml_collections.ConfigDict({"lr": 6e-5, "weight_decay": 0.01,
-                                   "custom_keys": {"head": [10.0, 1.0], "norm": [1.0, 0.0],
-                                                   "rebuilder": [10.0, 1.0]}})
+def test_make_optimizer_reference_config():
+  cfg = base.base_config().optim  # the reference: lr 6e-5, head ×10, rebuilder ×10
   params = _fake_params()
-  for c in (cfg, None):
+  for c in (cfg, dict(cfg.to_dict())):
     tx = optim.make_optimizer(c, params, 40000)
     state = jax.eval_shape(tx.init, params)  # works on abstract shapes (sharded init)
     grads = jax.tree_util.tree_map(jnp.ones_like, params)

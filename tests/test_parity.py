@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 nn = torch.nn
 F = torch.nn.functional
 
-from mfm_jax.convert import mapping  # noqa: E402
+from mfm_jax.convert import hf_segformer, mapping  # noqa: E402
 from mfm_jax.models import daformer_head  # noqa: E402
 from mfm_jax.models import mit  # noqa: E402
 from mfm_jax.models import segmentor  # noqa: E402
@@ -106,7 +106,7 @@ def _abstract(module, *args, **kw):
 
 def test_mit_matches_transformers_segformer():
   hf = _hf_segformer()
-  sd = mapping.hf_segformer_to_reference(hf.state_dict())
+  sd = hf_segformer.hf_segformer_to_reference(hf.state_dict())
   variables = mapping.torch_to_flax(sd, "mit_tiny", target=_abstract(_FLAX_MIT, _X))
   feats = jax.jit(lambda v, x: _FLAX_MIT.apply(v, x, train=False))(
       {"params": variables["params"]}, _X)
@@ -137,7 +137,7 @@ def test_transformers4_names_convert_like_transformers5_names():
   sd5 = {k: v.numpy() for k, v in _hf_segformer(5).state_dict().items()}
   sd4 = {_to_transformers4_names(k): v for k, v in sd5.items()}
   assert "segformer.encoder.block.0.0.attention.self.key.weight" in sd4
-  a, b = mapping.hf_segformer_to_reference(sd5), mapping.hf_segformer_to_reference(sd4)
+  a, b = hf_segformer.hf_segformer_to_reference(sd5), hf_segformer.hf_segformer_to_reference(sd4)
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -157,7 +157,7 @@ def test_convert_cli_reads_hugging_face_segformer_files(tmp_path):
   full = transformers.SegformerForImageClassification(cfg)
   sd5 = dict(full.state_dict())
   assert any(k.startswith("classifier.") for k in sd5)
-  want = mapping.hf_segformer_to_reference(full.segformer.state_dict())
+  want = hf_segformer.hf_segformer_to_reference(full.segformer.state_dict())
   sd4 = {(_to_transformers4_names(k[len("segformer."):]) if k.startswith("segformer.") else k): v
          for k, v in sd5.items()}
   bf16 = {k: v.to(torch.bfloat16) for k, v in sd4.items()}  # half-precision hub files
@@ -263,7 +263,7 @@ def test_daformer_segmentor_matches_torch(fusion):
   """HF MiT (reference names) + torch DAFormer head → one 'daformer' state_dict → Flax."""
   hf = _hf_segformer(2)
   head = _randomize(TorchDAFormerHead(_DIMS, 32, 7, fusion), 3)
-  sd = {f"backbone.{k}": v for k, v in mapping.hf_segformer_to_reference(hf.state_dict()).items()}
+  sd = {f"backbone.{k}": v for k, v in hf_segformer.hf_segformer_to_reference(hf.state_dict()).items()}
   sd.update({f"decode_head.{k}": v.numpy() for k, v in head.state_dict().items()})
   model = segmentor.EncoderDecoder(
       backbone=_FLAX_MIT,

@@ -11,6 +11,10 @@ import torch.nn.functional as F
 
 from mfm_jax.uda import (augment, classmix, ema, feature_distance, losses, masking, mfm,
                          pseudo_labels)
+from mfm_jax.data.labels import THING_CLASSES
+
+# The reference feature-distance settings (config.uda.fd: thing classes, scale_min_ratio 0.75).
+_FD = dict(classes=THING_CLASSES, scale_min_ratio=0.75, num_classes=19)
 
 
 def _to_torch_nchw(x):
@@ -19,10 +23,10 @@ def _to_torch_nchw(x):
 
 # ----------------------------------------------------------------------------------------- EMA
 def test_ema_alpha_schedule():
-  got = [float(ema.ema_alpha(t)) for t in (0, 1, 10, 998, 999, 5000)]
+  got = [float(ema.ema_alpha(t, 0.999)) for t in (0, 1, 10, 998, 999, 5000)]
   np.testing.assert_allclose(got, [0.0, 0.5, 1 - 1 / 11, 1 - 1 / 999, 0.999, 0.999], rtol=1e-6)
   assert float(ema.ema_alpha(1, alpha_max=0.3)) == pytest.approx(0.3)
-  assert float(jax.jit(ema.ema_alpha)(jnp.int32(10))) == pytest.approx(10 / 11, rel=1e-6)
+  assert float(jax.jit(ema.ema_alpha)(jnp.int32(10), 0.999)) == pytest.approx(10 / 11, rel=1e-6)
 
 
 def test_ema_update_values_and_step0_copy():
@@ -32,12 +36,12 @@ def test_ema_update_values_and_step0_copy():
   np.testing.assert_allclose(out["a"], 3.0)
   assert out["b"]["c"].dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out["b"]["c"], np.float32), 0.5)
-  copy = ema.ema_update(e, p, 0)
+  copy = ema.ema_update(e, p, 0, 0.999)
   np.testing.assert_array_equal(copy["a"], p["a"])
   late = ema.ema_update(e, p, 10_000, 0.99)
   np.testing.assert_allclose(late["a"], 0.99 * 2 + 0.01 * 4, rtol=1e-6)
   with pytest.raises(ValueError, match="ema.py"):
-    ema.ema_update(e, {"a": p["a"]}, 1)
+    ema.ema_update(e, {"a": p["a"]}, 1, 0.999)
 
 
 # ------------------------------------------------------------------------------------------ CE
@@ -99,7 +103,7 @@ def test_pseudo_labels_no_threshold_and_bad_rows():
   np.testing.assert_array_equal(w[0, :3], 1.0)
   np.testing.assert_array_equal(w[0, 3], 0.0)
   with pytest.raises(ValueError, match="pseudo_labels.py"):
-    pseudo_labels.pseudo_labels(logits, (4, 4), ignore_top=3, ignore_bottom=3)
+    pseudo_labels.pseudo_labels(logits, (4, 4), 0.968, ignore_top=3, ignore_bottom=3)
 
 
 # ------------------------------------------------------------------------------------ ClassMix
@@ -197,21 +201,23 @@ def test_feature_distance_value_and_safe_grads():
   lab = np.full((2, 8, 12), 0, np.int32)
   lab[0, :4, :4] = 13  # one thing cell (car) in sample 0
   lab[1, 4:, 8:] = 18  # one in sample 1
-  got = feature_distance.feature_distance(jnp.asarray(s), jnp.asarray(i), jnp.asarray(lab))
+  got = feature_distance.feature_distance(jnp.asarray(s), jnp.asarray(i), jnp.asarray(lab),
+                                         **_FD)
   d = np.linalg.norm(s - i, axis=-1)
   np.testing.assert_allclose(float(got), (d[0, 0, 0] + d[1, 1, 2]) / 2, rtol=1e-6)
   # Equal features: value 0, gradient 0 (not NaN) at the zero difference.
-  fd = lambda x: feature_distance.feature_distance(x, jnp.asarray(s), jnp.asarray(lab))
+  fd = lambda x: feature_distance.feature_distance(x, jnp.asarray(s), jnp.asarray(lab), **_FD)
   val, grad = jax.value_and_grad(fd)(jnp.asarray(s))
   assert float(val) == 0.0 and np.isfinite(grad).all() and not np.asarray(grad).any()
   # Empty thing mask: 0 with a zero gradient.
   no_things = jnp.zeros_like(jnp.asarray(lab))
   val, grad = jax.value_and_grad(
-      lambda x: feature_distance.feature_distance(x, jnp.asarray(i), no_things))(jnp.asarray(s))
+      lambda x: feature_distance.feature_distance(x, jnp.asarray(i), no_things, **_FD))(
+          jnp.asarray(s))
   assert float(val) == 0.0 and np.isfinite(grad).all() and not np.asarray(grad).any()
   # classes=None averages every pixel.
   allpix = feature_distance.feature_distance(jnp.asarray(s), jnp.asarray(i), no_things,
-                                             classes=None)
+                                             **{**_FD, "classes": None})
   np.testing.assert_allclose(float(allpix), d.mean(), rtol=1e-6)
 
 
@@ -279,14 +285,14 @@ def test_helpers_under_jit_with_sharded_batch():
 
   def step(key, labels, logits, feats, images):
     k1, k2, k3, k4, k5 = jax.random.split(key, 5)
-    pl, pw = pseudo_labels.pseudo_labels(logits, (32, 32), ignore_top=2)
+    pl, pw = pseudo_labels.pseudo_labels(logits, (32, 32), 0.968, ignore_top=2)
     cm = classmix.class_mix_masks(k1, labels)
     mixed_lab = classmix.mix(cm, labels, pl)
     ce = losses.cross_entropy(logits, mixed_lab, classmix.mix(cm, jnp.ones_like(pw), pw))
     bm = masking.block_mask(k2, 4, 32, 32, 8, 0.7)
     keep = mfm.keep_mask(k3, 4, (2, 2), 0.4)
     fused = mfm.mask_features(feats, mfm.level_mask(keep, (2, 2)))
-    fd = feature_distance.feature_distance(fused, feats, labels)
+    fd = feature_distance.feature_distance(fused, feats, labels, **_FD)
     # p = -1: the jitter draw always passes; blur = True with p(0.5) per key.
     aug1 = augment.strong_transform(k4, images, color_jitter_probability=-1.0)
     aug2 = augment.strong_transform(k5, images * bm, color_jitter_probability=-1.0,

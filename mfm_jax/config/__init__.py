@@ -1,0 +1,1 @@
+"""Config: the schema (base), named fragments and presets, validation."""

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from mfm_jax.runtime import json_io
 
 SUFFIX = ".safetensors"
 
@@ -57,10 +58,5 @@ def save(state_dict: Mapping[str, Any], path: str) -> None:
     raise torch_io.TorchCheckpointError(f"Output directory {directory} of {path} does not exist.")
   arrays = {k: np.ascontiguousarray(v.numpy() if hasattr(v, "numpy") else v)
             for k, v in state_dict.items()}
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
+  with json_io.atomic_path(path) as tmp:
     st_numpy.save_file(arrays, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)

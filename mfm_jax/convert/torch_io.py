@@ -32,6 +32,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from mfm_jax.runtime import errors
+from mfm_jax.runtime import json_io
 
 # UDA wrapper prefixes (uda_reference.md §1.5): DACS holds the student, the EMA teacher and the
 # frozen ImageNet model (feature distance) side by side.
@@ -194,10 +195,10 @@ def _from_hf_segformer(sd: dict[str, np.ndarray], notes: list[str]) -> dict[str,
   encoder = [k for k in sd if _HF_ENCODER.match(k)]
   if not encoder:
     return sd
-  from mfm_jax.convert import mapping  # pylint: disable=g-import-not-at-top
+  from mfm_jax.convert import hf_segformer  # pylint: disable=g-import-not-at-top
   heads = sorted(k for k in sd if k not in encoder
                  and k.startswith(("classifier.", "decode_head.")))
-  out = mapping.hf_segformer_to_reference({k: v for k, v in sd.items() if k not in heads})
+  out = hf_segformer.hf_segformer_to_reference({k: v for k, v in sd.items() if k not in heads})
   notes.append(f"mapped {len(encoder)} Hugging Face SegFormer encoder tensors to reference MiT "
                "names" + (f"; dropped its heads {heads}" if heads else ""))
   return out
@@ -230,10 +231,5 @@ def save_state_dict(state_dict: Mapping[str, Any], path: str) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(directory):
     raise TorchCheckpointError(f"Output directory {directory} of {path} does not exist.")
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
+  with json_io.atomic_path(path) as tmp:
     torch.save(tensors, tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)

@@ -1,1 +1,1 @@
-"""mfm_jax.data package."""
+"""Data: label maps, dataset preparation, the grain input pipeline, RCS, the synthetic benchmark."""

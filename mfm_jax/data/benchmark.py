@@ -32,15 +32,21 @@ from mfm_jax.config import base
 from mfm_jax.data import builders
 from mfm_jax.data import pipeline
 
-_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "grain worker counts to compare.")
-_NUM_BATCHES = flags.DEFINE_integer("num_batches", 20, "Timed batches per configuration.")
-_IMAGE_SIZE = flags.DEFINE_string("image_size", "1914x1052", "Fake image size WxH.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "Fake images to write.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "Prepared TFDS data dir with 'gta5' (optional).")
-_BATCH = flags.DEFINE_integer("batch_size", 2, "Examples per domain per batch.")
-_CROP = flags.DEFINE_integer("crop", 512, "Square crop size.")
-_SOURCE_SCALE = flags.DEFINE_string("source_scale", "1280x720", "Source keep-ratio scale WxH.")
-_TARGET_SCALE = flags.DEFINE_string("target_scale", "1280x720", "Target keep-ratio scale WxH.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags (defined only when it runs, so modules can be imported together)."""
+  flags.DEFINE_list("workers", ["0", "1", "2"], "grain worker counts to compare.")
+  flags.DEFINE_integer("num_batches", 20, "Timed batches per configuration.")
+  flags.DEFINE_string("image_size", "1914x1052", "Fake image size WxH.")
+  flags.DEFINE_integer("num_images", 8, "Fake images to write.")
+  flags.DEFINE_string("data_dir", "", "Prepared TFDS data dir with 'gta5' (optional).")
+  flags.DEFINE_integer("batch_size", 2, "Examples per domain per batch.")
+  flags.DEFINE_integer("crop", 512, "Square crop size.")
+  flags.DEFINE_string("source_scale", "1280x720", "Source keep-ratio scale WxH.")
+  flags.DEFINE_string("target_scale", "1280x720", "Target keep-ratio scale WxH.")
+
 
 # A few Cityscapes label ids (road, sidewalk, building, pole, vegetation, sky, person, car, ...).
 _LABEL_IDS = np.array([7, 8, 11, 17, 20, 21, 23, 24, 26, 33], np.uint8)
@@ -131,24 +137,24 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # keep the table readable (TFDS logs at INFO)
-  workers = [int(w) for w in _WORKERS.value]
-  if any(w < 0 for w in workers) or _NUM_BATCHES.value < 1:
+  workers = [int(w) for w in FLAGS.workers]
+  if any(w < 0 for w in workers) or FLAGS.num_batches < 1:
     raise app.UsageError("--workers must be >= 0 and --num_batches >= 1.")
   with tempfile.TemporaryDirectory(prefix="mfm_data_bench_") as tmp:
-    data_dir = _DATA_DIR.value
+    data_dir = FLAGS.data_dir
     if not data_dir:
-      size = _parse_size(_IMAGE_SIZE.value, "image_size")
-      print(f"Writing {_NUM_IMAGES.value} fake {size[0]}x{size[1]} GTA images to {tmp} ...",
+      size = _parse_size(FLAGS.image_size, "image_size")
+      print(f"Writing {FLAGS.num_images} fake {size[0]}x{size[1]} GTA images to {tmp} ...",
             flush=True)
-      write_fake_gta(os.path.join(tmp, "raw"), _NUM_IMAGES.value, size)
+      write_fake_gta(os.path.join(tmp, "raw"), FLAGS.num_images, size)
       data_dir = os.path.join(tmp, "tfds")
       builders.prepare("gta5", os.path.join(tmp, "raw"), data_dir)
-    scales = dict(source_scale=_parse_size(_SOURCE_SCALE.value, "source_scale"),
-                  target_scale=_parse_size(_TARGET_SCALE.value, "target_scale"))
-    rows = [benchmark(data_dir, w, _NUM_BATCHES.value, batch_size=_BATCH.value, crop=_CROP.value,
+    scales = dict(source_scale=_parse_size(FLAGS.source_scale, "source_scale"),
+                  target_scale=_parse_size(FLAGS.target_scale, "target_scale"))
+    rows = [benchmark(data_dir, w, FLAGS.num_batches, batch_size=FLAGS.batch_size, crop=FLAGS.crop,
                       **scales) for w in workers]
-  print(f"\nbatch {_BATCH.value} per domain, crop {_CROP.value}, source scale "
-        f"{_SOURCE_SCALE.value}, {os.cpu_count()} CPUs, {_NUM_BATCHES.value} timed batches")
+  print(f"\nbatch {FLAGS.batch_size} per domain, crop {FLAGS.crop}, source scale "
+        f"{FLAGS.source_scale}, {os.cpu_count()} CPUs, {FLAGS.num_batches} timed batches")
   print(f"{'workers':>7} | {'source img/s':>12} | {'start s':>7} | {'train steps/s':>13} | "
         f"{'start s':>7}")
   for r in rows:
@@ -157,4 +163,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -30,30 +30,34 @@ from absl import flags
 
 from mfm_jax.runtime import errors
 
-_DATASET = flags.DEFINE_enum("dataset", None,
-                             ["gta5", "synthia", "cityscapes", "folder", "synthetic"],
-                             "Raw dataset layout to prepare.")
-_RAW_DIR = flags.DEFINE_string("raw_dir", "", "Folder holding the raw layout (for synthetic: "
-                               "where raw files are generated; default <data_dir>/raw).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir to write to.")
-_SCALE = flags.DEFINE_string("scale", "", "Optional WxH keep-ratio pre-resize, e.g. 1280x720.")
-_LABEL_MAP = flags.DEFINE_string("label_map", "", "folder only: JSON {label id: train id}.")
-_RGB_LABELS = flags.DEFINE_enum(
-    "rgb_labels", "reject", ["reject", "first_channel"],
-    "Colour (RGB/RGBA) label files: 'reject' them (default; grey images stored as RGB pass) or "
-    "read the class id from the 'first_channel' (R). SYNTHIA labels are always read from R.")
-_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
-                                "Processes decoding and validating raw files.")
-# synthetic: unset flags take config.data.synthetic.* (the parameters' only defaults).
-_SYN_SEED = flags.DEFINE_integer("synthetic_seed", None,
-                                 "synthetic: seed (default: config.data.synthetic.seed).")
-_SYN_COUNTS = flags.DEFINE_list("synthetic_counts", None,
-                                "synthetic: num_source,num_target,num_val (default: "
-                                "config.data.synthetic.num_*).")
-_SYN_SIZE = flags.DEFINE_string("synthetic_size", None, "synthetic: WxH (default: "
-                                "config.data.synthetic.width x height).")
-_SYN_SHIFT = flags.DEFINE_float("synthetic_shift", None, "synthetic: domain-shift strength "
-                                "(default: config.data.synthetic.shift).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags (defined only when it runs, so modules can be imported together)."""
+  flags.DEFINE_enum("dataset", None,
+                    ["gta5", "synthia", "cityscapes", "folder", "synthetic"],
+                    "Raw dataset layout to prepare.")
+  flags.DEFINE_string("raw_dir", "", "Folder holding the raw layout (for synthetic: "
+                      "where raw files are generated; default <data_dir>/raw).")
+  flags.DEFINE_string("data_dir", None, "TFDS data dir to write to.")
+  flags.DEFINE_string("scale", "", "Optional WxH keep-ratio pre-resize, e.g. 1280x720.")
+  flags.DEFINE_string("label_map", "", "folder only: JSON {label id: train id}.")
+  flags.DEFINE_enum(
+      "rgb_labels", "reject", ["reject", "first_channel"],
+      "Colour (RGB/RGBA) label files: 'reject' them (default; grey images stored as RGB pass) or "
+      "read the class id from the 'first_channel' (R). SYNTHIA labels are always read from R.")
+  flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
+                       "Processes decoding and validating raw files.")
+  flags.DEFINE_integer("synthetic_seed", None,
+                       "synthetic: seed (default: config.data.synthetic.seed).")
+  flags.DEFINE_list("synthetic_counts", None,
+                    "synthetic: num_source,num_target,num_val (default: "
+                    "config.data.synthetic.num_*).")
+  flags.DEFINE_string("synthetic_size", None, "synthetic: WxH (default: "
+                      "config.data.synthetic.width x height).")
+  flags.DEFINE_float("synthetic_shift", None, "synthetic: domain-shift strength "
+                     "(default: config.data.synthetic.shift).")
 
 
 def parse_scale(text: str, flag: str = "scale") -> tuple[int, int] | None:
@@ -83,41 +87,42 @@ def main(argv):
   # Imported here, not at the top: spawned prepare workers re-import this module as
   # __mp_main__ and should load only raw_files (no TFDS, no JAX; tested).
   from mfm_jax.data import builders  # pylint: disable=g-import-not-at-top
-  data_dir = os.path.abspath(os.path.expanduser(_DATA_DIR.value))
+  data_dir = os.path.abspath(os.path.expanduser(FLAGS.data_dir))
   start = time.time()
-  if _DATASET.value == "synthetic":
+  if FLAGS.dataset == "synthetic":
     from mfm_jax.config import base  # pylint: disable=g-import-not-at-top
     from mfm_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     cfg = base.base_config().data
-    cfg.data_dir, cfg.raw_dir = data_dir, _RAW_DIR.value
+    cfg.data_dir, cfg.raw_dir = data_dir, FLAGS.raw_dir
     s = cfg.synthetic
-    if _SYN_SEED.value is not None:
-      s.seed = _SYN_SEED.value
-    if _SYN_COUNTS.value is not None:
-      counts = _SYN_COUNTS.value
+    if FLAGS.synthetic_seed is not None:
+      s.seed = FLAGS.synthetic_seed
+    if FLAGS.synthetic_counts is not None:
+      counts = FLAGS.synthetic_counts
       try:
         s.num_source, s.num_target, s.num_val = (int(v) for v in counts)
       except ValueError as e:
         raise app.UsageError("--synthetic_counts must be three ints num_source,num_target,"
                              f"num_val, got {','.join(counts)!r}.") from e
-    if _SYN_SIZE.value is not None:
-      s.width, s.height = parse_scale(_SYN_SIZE.value, "synthetic_size")
-    if _SYN_SHIFT.value is not None:
-      s.shift = _SYN_SHIFT.value
+    if FLAGS.synthetic_size is not None:
+      s.width, s.height = parse_scale(FLAGS.synthetic_size, "synthetic_size")
+    if FLAGS.synthetic_shift is not None:
+      s.shift = FLAGS.synthetic_shift
     out = synthetic.ensure_synthetic(cfg)
     lines = [_summary(d, builders.dataset_path(d, out)) for d in ("gta5", "cityscapes")]
   else:
-    if not _RAW_DIR.value:
-      raise app.UsageError(f"--raw_dir is required for --dataset={_DATASET.value}.")
-    path = builders.prepare(_DATASET.value, os.path.expanduser(_RAW_DIR.value), data_dir,
-                            scale=parse_scale(_SCALE.value), label_map=_LABEL_MAP.value or None,
-                            num_workers=_WORKERS.value, rgb_labels=_RGB_LABELS.value)
-    lines = [_summary(_DATASET.value, path)]
+    if not FLAGS.raw_dir:
+      raise app.UsageError(f"--raw_dir is required for --dataset={FLAGS.dataset}.")
+    path = builders.prepare(FLAGS.dataset, os.path.expanduser(FLAGS.raw_dir), data_dir,
+                            scale=parse_scale(FLAGS.scale), label_map=FLAGS.label_map or None,
+                            num_workers=FLAGS.num_workers, rgb_labels=FLAGS.rgb_labels)
+    lines = [_summary(FLAGS.dataset, path)]
   for line in lines:
     print(line)
   print(f"done in {time.time() - start:.1f} s")
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["dataset", "data_dir"])
   errors.run(main)

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, whole/slide inference, pictures of predictions."""

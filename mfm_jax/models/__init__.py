@@ -1,1 +1,1 @@
-"""mfm_jax.models package."""
+"""Networks (MiT, DAFormer head, ResNet, DeepLab, HRDA, the MFM Rebuilder) and their wrappers."""

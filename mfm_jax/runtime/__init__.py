@@ -1,0 +1,1 @@
+"""Run-time services shared by the commands: errors, locks, signals, progress, metric files."""

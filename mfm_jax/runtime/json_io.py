@@ -6,10 +6,12 @@ reject Python's default ``NaN`` token, so every JSON file this project writes go
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from collections.abc import Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -35,13 +37,22 @@ def dumps(obj: Any, **kwargs) -> str:
   return json.dumps(to_strict(obj), allow_nan=False, **kwargs)
 
 
-def write_atomic(path: str, obj: Any) -> None:
-  """Writes ``obj`` as strict, indented JSON via a temporary file and a rename."""
-  tmp = f"{path}.tmp-{os.getpid()}"
+@contextlib.contextmanager
+def atomic_path(path: str, hidden: bool = False) -> Iterator[str]:
+  """Yields a temporary path beside ``path``; after the block it is renamed to ``path``
+  (readers never see a half-written file). On an error it is removed and ``path`` is left as it
+  was. ``hidden`` names the temporary file with a leading dot (folders users browse)."""
+  folder, name = os.path.split(path)
+  tmp = os.path.join(folder, f"{'.' if hidden else ''}{name}.tmp-{os.getpid()}")
   try:
-    with open(tmp, "w") as f:
-      f.write(dumps(obj, indent=2, sort_keys=True))
+    yield tmp
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def write_atomic(path: str, obj: Any) -> None:
+  """Writes ``obj`` as strict, indented JSON via a temporary file and a rename."""
+  with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    f.write(dumps(obj, indent=2, sort_keys=True))

@@ -33,6 +33,7 @@ import ml_collections
 import mfm_jax
 from mfm_jax.config import validation
 from mfm_jax.study import grids
+from mfm_jax.runtime import json_io
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(mfm_jax.__file__)))
 SPEC_FILE = "study_run.json"
@@ -159,13 +160,6 @@ def read_spec(rdir: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
-def _write_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
 def spec_matches(stored: dict[str, Any], run: grids.Run, common=()) -> bool:
   """Whether a stored spec describes ``run`` (config, overrides, seed; not the step count)."""
   ours = json.loads(json.dumps(
@@ -266,13 +260,13 @@ def _attempt(run: grids.Run, rdir: str, cmd: list[str], env: dict[str, str],
   attempt = {"start": datetime.datetime.now().isoformat(timespec="seconds"),
              "loadavg_start": list(os.getloadavg()), "returncode": None}
   spec["attempts"].append(attempt)
-  _write_json(os.path.join(rdir, SPEC_FILE), spec)
+  json_io.write_atomic(os.path.join(rdir, SPEC_FILE), spec)
   t0 = time.time()
   try:
     attempt["returncode"] = launcher(run, rdir, cmd, env)
   finally:  # also when interrupted: the time spent counts
     attempt.update(wall_s=round(time.time() - t0, 1), loadavg_end=list(os.getloadavg()))
-    _write_json(os.path.join(rdir, SPEC_FILE), spec)
+    json_io.write_atomic(os.path.join(rdir, SPEC_FILE), spec)
   return attempt["returncode"], attempt["wall_s"]
 
 

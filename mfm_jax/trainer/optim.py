@@ -18,23 +18,8 @@ import optax
 
 DEFAULT_GROUP = "default"
 
-# Field -> reference default (schedules/adamw.py, schedules/poly10warm.py, DAFormer configs).
-OPTIM_DEFAULTS: dict[str, Any] = {
-    "lr": 6e-5,
-    "weight_decay": 0.01,
-    "b1": 0.9,
-    "b2": 0.999,
-    "eps": 1e-8,
-    "warmup_steps": 1500,
-    "warmup_ratio": 1e-6,
-    "power": 1.0,
-    "min_lr": 0.0,
-    "custom_keys": {"head": (10.0, 1.0), "pos_block": (1.0, 0.0), "norm": (1.0, 0.0)},
-}
-
-
-def lr_schedule(base_lr: float, total_steps: int, warmup_steps: int = 1500,
-                warmup_ratio: float = 1e-6, power: float = 1.0, min_lr: float = 0.0):
+def lr_schedule(base_lr: float, total_steps: int, warmup_steps: int, warmup_ratio: float,
+                power: float, min_lr: float):
   """mmcv 1.3.7 ``PolyLrUpdaterHook`` with linear warmup, as an optax schedule ``t -> lr``.
 
   regular(t) = (base - min_lr) * (1 - t/T)^power + min_lr; for t < W the warmup multiplies it
@@ -101,37 +86,13 @@ def param_group_labels(params, custom_keys: Mapping[str, Any]):
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def _read_cfg(optim_cfg) -> dict[str, Any]:
-  if optim_cfg is None:
-    return dict(OPTIM_DEFAULTS)
-  if not hasattr(optim_cfg, "keys"):
-    raise TypeError(f"mfm_jax/trainer/optim.py: optim config must be a mapping, got {type(optim_cfg)}.")
-  unknown = sorted(set(optim_cfg.keys()) - set(OPTIM_DEFAULTS))
-  if unknown:
-    raise ValueError(
-        f"mfm_jax/trainer/optim.py: unknown optim config key(s) {unknown}; allowed: "
-        f"{sorted(OPTIM_DEFAULTS)}.")
-  cfg = dict(OPTIM_DEFAULTS)
-  cfg.update({k: optim_cfg[k] for k in optim_cfg.keys()})
-  custom = {}
-  for key, value in dict(cfg["custom_keys"] or {}).items():
-    try:
-      lr_mult, decay_mult = (float(v) for v in value)
-    except (TypeError, ValueError) as e:
-      raise ValueError(
-          f"mfm_jax/trainer/optim.py: optim.custom_keys[{key!r}] must be [lr_mult, decay_mult], got "
-          f"{value!r}.") from e
-    custom[str(key)] = (lr_mult, decay_mult)
-  cfg["custom_keys"] = custom
-  return cfg
-
-
 def make_optimizer(optim_cfg, params, total_steps: int) -> optax.GradientTransformation:
   """AdamW per parameter group (lr = schedule(base * lr_mult), wd = wd * decay_mult).
 
   Args:
-    optim_cfg: mapping / ConfigDict with the fields of ``OPTIM_DEFAULTS`` (missing fields take
-      the reference value; unknown fields raise).
+    optim_cfg: ``config.optim`` (validated; keys and defaults in ``mfm_jax/config/base.py``):
+      lr, weight_decay, b1, b2, eps, warmup_steps, warmup_ratio, power, min_lr, custom_keys
+      (substring → (lr_mult, decay_mult)). A mapping with these keys works too.
     params: the parameter pytree (or its abstract shapes) the optimiser will update; its labels
       are recomputed from the tree passed to ``init``/``update``.
     total_steps: T of the poly decay (40000 in the reference).
@@ -139,8 +100,8 @@ def make_optimizer(optim_cfg, params, total_steps: int) -> optax.GradientTransfo
   Returns:
     An ``optax.multi_transform`` over the groups.
   """
-  cfg = _read_cfg(optim_cfg)
-  custom = cfg["custom_keys"]
+  cfg = optim_cfg
+  custom = {str(k): (float(v[0]), float(v[1])) for k, v in dict(cfg["custom_keys"]).items()}
   labels = param_group_labels(params, custom)
   if not jax.tree_util.tree_leaves(labels):
     raise ValueError("mfm_jax/trainer/optim.py: make_optimizer got an empty parameter tree.")

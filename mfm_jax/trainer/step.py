@@ -1,4 +1,4 @@
-"""The UDA train state and the one pure, jitted update function.
+"""The one pure UDA update function (and its jitted, data-parallel form).
 
 One iteration (uda_reference.md §2.1; the reference back-propagates each term separately and
 accumulates gradients, which equals one ``value_and_grad`` over their sum):
@@ -91,7 +91,7 @@ def make_update_fn(config: ml_collections.ConfigDict, net: SegmentationNetwork,
       if use_fd:
         terms["fd"] = uda.fd.weight * feature_distance.feature_distance(
             net.fd_features(src_feats), imnet_feats, src_lbl, classes=tuple(uda.fd.classes),
-            scale_min_ratio=uda.fd.scale_min_ratio)
+            scale_min_ratio=uda.fd.scale_min_ratio, num_classes=config.model.num_classes)
       if uda.enabled:
         # 4. ClassMix + strong augmentation, weighted CE on the mixed batch.
         if uda.mix == "class":
@@ -135,7 +135,7 @@ def make_update_fn(config: ml_collections.ConfigDict, net: SegmentationNetwork,
     params = optax.apply_updates(state.params, updates)
     metrics.update({f"loss/{k}": v for k, v in terms.items()})
     metrics["loss/total"] = total
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     if with_grads:
       metrics["grads"] = grads
     finite = jnp.isfinite(total) & jnp.isfinite(metrics["grad_norm"])

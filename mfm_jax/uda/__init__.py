@@ -1,1 +1,1 @@
-"""mfm_jax.uda package."""
+"""UDA terms of the train step: EMA teacher, pseudo-labels, ClassMix, augmentation, MIC, FD, MFM."""

@@ -10,12 +10,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# alpha = 0.999 for DAFormer / HRDA / MIC (dacs_a999_fdthings.py); DACS base uses 0.99.
-DEFAULT_ALPHA = 0.999
-
-
-def ema_alpha(step, alpha_max: float = DEFAULT_ALPHA) -> jax.Array:
+def ema_alpha(step, alpha_max: float) -> jax.Array:
   """EMA decay alpha_t = min(1 - 1/(t+1), alpha_max) for (local) iteration ``t``.
+
+  ``alpha_max`` is ``config.uda.ema_alpha``: 0.999 for DAFormer / HRDA / MIC, 0.99 for DACS
+  (dacs_a999_fdthings.py / dacs.py).
 
   t = 0 gives 0 (the teacher becomes an exact copy of the student, which is the reference's
   iteration-0 initialisation), t = 1 gives 0.5, t = 10 gives 0.909..., t >= 999 gives 0.999.
@@ -25,7 +24,7 @@ def ema_alpha(step, alpha_max: float = DEFAULT_ALPHA) -> jax.Array:
   return jnp.minimum(1.0 - 1.0 / (t + 1.0), jnp.float32(alpha_max))
 
 
-def ema_update(ema_params, params, step, alpha_max: float = DEFAULT_ALPHA):
+def ema_update(ema_params, params, step, alpha_max: float):
   """Returns ``alpha_t * ema_params + (1 - alpha_t) * params`` leaf by leaf.
 
   Args:

@@ -15,15 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from mfm_jax import ops
-from mfm_jax.data.labels import THING_CLASSES
-
-# scale_min_ratio = 0.75 as in dacs_a999_fdthings.py (fdist_scale_min_ratio).
-DEFAULT_MIN_RATIO = 0.75
-
 
 def downscale_label_ratio(labels: jax.Array, scale_factor: int,
-                          min_ratio: float = DEFAULT_MIN_RATIO, num_classes: int = 19
-                          ) -> jax.Array:
+                          min_ratio: float, num_classes: int) -> jax.Array:
   """Down-scales ``labels [B, H, W]`` by an integer factor (mmseg-uda ``downscale_label_ratio``).
 
   One-hot with ignore (255) as an extra class, average pool with kernel = stride =
@@ -60,8 +54,7 @@ def safe_l2_norm(x: jax.Array, axis: int = -1) -> jax.Array:
 
 
 def feature_distance(student_feat: jax.Array, imnet_feat: jax.Array, labels: jax.Array,
-                     classes: Sequence[int] | None = THING_CLASSES,
-                     scale_min_ratio: float = DEFAULT_MIN_RATIO, num_classes: int = 19
+                     classes: Sequence[int] | None, scale_min_ratio: float, num_classes: int
                      ) -> jax.Array:
   """Masked mean feature distance (without lambda_FD).
 
@@ -70,7 +63,8 @@ def feature_distance(student_feat: jax.Array, imnet_feat: jax.Array, labels: jax
     imnet_feat: same shape, frozen ImageNet-model features (gradient stopped here).
     labels: ``[B, H, W]`` source labels; H / h gives the down-scaling factor (32 for DAFormer,
       64 for HRDA's LR features at a 1024 crop).
-    classes: train ids that count (``THING_CLASSES``); None = every pixel.
+    classes: train ids that count (``config.uda.fd.classes``: the reference's thing classes);
+      None = every pixel.
     scale_min_ratio: minimum fraction of the winning class in a down-scaled cell.
     num_classes: number of train ids.
 

@@ -13,21 +13,16 @@ import jax.numpy as jnp
 
 from mfm_jax import ops
 
-# tau = 0.968 as in DACS / DAFormer / HRDA / MIC (pseudo_threshold).
-DEFAULT_THRESHOLD = 0.968
-
-
 def pseudo_labels(teacher_logits: jax.Array, size: tuple[int, int],
-                  threshold: float | None = DEFAULT_THRESHOLD,
-                  valid_mask: jax.Array | None = None, ignore_top: int = 0,
-                  ignore_bottom: int = 0) -> tuple[jax.Array, jax.Array]:
+                  threshold: float | None, valid_mask: jax.Array | None = None,
+                  ignore_top: int = 0, ignore_bottom: int = 0) -> tuple[jax.Array, jax.Array]:
   """Hard pseudo-labels and pixel weights from teacher logits.
 
   Args:
     teacher_logits: ``[B, h, w, K]`` EMA-teacher logits; bilinearly upsampled to ``size``
       (align_corners=False) before the softmax, like ``encode_decode`` in the reference.
     size: ``(H, W)`` of the target crop.
-    threshold: confidence threshold tau; ``None`` gives weight 1 everywhere (MIC ablation
+    threshold: confidence threshold τ (``config.uda.pseudo_threshold``, 0.968 in the reference); ``None`` gives weight 1 everywhere (MIC ablation
       "w/o confidence weight").
     valid_mask: optional ``[B, H, W]`` plcrop-v2 mask multiplied into the weight.
     ignore_top: number of top rows whose weight is zeroed (DAFormer: 15).
