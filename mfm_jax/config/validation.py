@@ -42,15 +42,17 @@ _RANGES = {  # key: (low, high, low inclusive, high inclusive)
     "uda.color_jitter_strength": (0.0, 1.0, True, True),
     "data.flip_prob": (0.0, 1.0, True, True),
     "data.cat_max_ratio": (0.0, 1.0, False, True),
+    "data.synthetic.shift": (0.0, 2.5, True, True),  # the renderer's range (data/synthetic.py)
     "optim.b1": (0.0, 1.0, True, False),
     "optim.b2": (0.0, 1.0, True, False),
 }
 
-_POSITIVE = ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+_POSITIVE = ("data.synthetic.num_source", "data.synthetic.num_target", "data.synthetic.num_val",
+             "num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
              "data.batch_size", "data.eval_batch_size", "mfm.grid_size", "mfm.embed_dim",
              "mfm.depth", "mfm.num_heads", "uda.mic.block_size", "optim.lr", "model.num_classes",
              "data.rcs.temperature")
-_NON_NEGATIVE = ("optim.weight_decay", "optim.warmup_steps", "mfm.weight", "uda.mic.weight",
+_NON_NEGATIVE = ("seed", "data.prefetch", "optim.weight_decay", "optim.warmup_steps", "mfm.weight", "uda.mic.weight",
                  "uda.fd.weight", "data.num_workers", "uda.pseudo_ignore_top",
                  "uda.pseudo_ignore_bottom", "data.max_eval_images", "model.drop_path_rate",
                  "eval.num_logged_images")
@@ -88,6 +90,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     v = tuple(_get(c, key))
     if len(v) != 2 or not all(isinstance(x, int) and x > 0 for x in v):
       raise ConfigError(f"config.{key}={v!r} must be two positive integers.")
+  if min(c.data.synthetic.width, c.data.synthetic.height) < 16:
+    raise ConfigError(f"config.data.synthetic.width/height = {c.data.synthetic.width}x"
+                      f"{c.data.synthetic.height} must be at least 16 pixels each.")
   bad = [k for k in c.uda.fd.classes if not 0 <= k < c.model.num_classes]
   if bad:
     raise ConfigError(f"config.uda.fd.classes has ids outside [0, {c.model.num_classes}): {bad}.")

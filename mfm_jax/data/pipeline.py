@@ -39,14 +39,9 @@ _SOURCE, _TARGET = 0, 1  # RNG stream ids of the two domains
 _UNBOUNDED = 2**62  # step count of an endless stream (grain ranges are lazy)
 
 
-def _pair(value, key: str) -> tuple[int, int]:
-  try:
-    out = tuple(int(v) for v in value)
-  except (TypeError, ValueError):
-    out = ()
-  if len(out) != 2 or min(out) <= 0:
-    raise ValueError(f"config.data.{key} must be two positive ints, got {value!r}.")
-  return out
+def _pair(value) -> tuple[int, int]:
+  """A validated (config/validation.py) size pair as a tuple of two ints."""
+  return int(value[0]), int(value[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +62,8 @@ def _resolve(name: str, data_cfg, role: str, key: str) -> _Split:
   # With config.data.prepared_scale the training splits are read from the copies prepared at
   # the training scale (``prepare --scale``); the keep-ratio resize is then the identity.
   scale = None
-  if data_cfg.get("prepared_scale", False):
-    scale = _pair(data_cfg[f"{key}_scale"], f"{key}_scale")
+  if data_cfg.prepared_scale:
+    scale = _pair(data_cfg[f"{key}_scale"])
   resolved = splits_lib.resolve(name, data_cfg, scale=scale)
   if role not in resolved.splits:
     raise ValueError(f"config.data.{key}={name!r} has no {role!r} split (it has "
@@ -96,9 +91,9 @@ class _BatchMaker:
     self.source, self.target, self.sampler = source, target, sampler
     self.seed, self.process_index, self.local_batch = seed, process_index, local_batch
     self.global_batch = int(data_cfg.batch_size)
-    self.source_scale = _pair(data_cfg.source_scale, "source_scale")
-    self.target_scale = _pair(data_cfg.target_scale, "target_scale")
-    self.crop_size = _pair(data_cfg.crop_size, "crop_size")
+    self.source_scale = _pair(data_cfg.source_scale)
+    self.target_scale = _pair(data_cfg.target_scale)
+    self.crop_size = _pair(data_cfg.crop_size)
     self.cat_max_ratio = float(data_cfg.cat_max_ratio)
     self.flip_prob = float(data_cfg.flip_prob)
     self.margins = tuple(int(m) for m in data_cfg.pseudo_margins)
@@ -251,16 +246,11 @@ def make_train_iterator(data_cfg, *, seed: int, process_index: int = 0, process_
   ``target_label`` i32 (255 where the target has no labels). ``num_steps=None``: endless.
   """
   batch = int(data_cfg.batch_size)
-  if int(seed) < 0:
-    raise ValueError(f"config.seed must be >= 0 (it seeds numpy generators), got {seed}.")
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
   if batch < 1 or batch % process_count:
     raise ValueError(f"config.data.batch_size={batch} must be a positive multiple of the "
                      f"process count {process_count}.")
-  if int(data_cfg.num_workers) < 0 or int(data_cfg.prefetch) < 0:
-    raise ValueError("config.data.num_workers and config.data.prefetch must be >= 0, got "
-                     f"{data_cfg.num_workers} and {data_cfg.prefetch}.")
   margins = tuple(data_cfg.pseudo_margins)
   if margins:
     transforms.valid_pseudo_mask(1, 1, margins)  # validates the four values
@@ -295,9 +285,7 @@ class EvalDataset:
   """
 
   def __init__(self, split: _Split, indices: np.ndarray, test_scale: tuple[int, int],
-               batch_size: int = 1):
-    if int(batch_size) < 1:
-      raise ValueError(f"config.data.eval_batch_size must be >= 1, got {batch_size}.")
+               batch_size: int):
     self.split, self.indices, self.test_scale = split, indices, test_scale
     self.batch_size = int(batch_size)
     self._source = None
@@ -347,5 +335,5 @@ def make_eval_dataset(data_cfg, *, process_index: int = 0,
   if data_cfg.max_eval_images > 0:
     n = min(n, int(data_cfg.max_eval_images))
   indices = np.arange(n)[process_index::process_count]
-  return EvalDataset(split, indices, _pair(data_cfg.test_scale, "test_scale"),
-                     int(data_cfg.get("eval_batch_size", 1)))
+  return EvalDataset(split, indices, _pair(data_cfg.test_scale),
+                     int(data_cfg.eval_batch_size))

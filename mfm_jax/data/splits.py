@@ -142,11 +142,9 @@ def resolve(name: str, data_cfg, *, prepare_missing: bool = True,
   if name in ("folder_source", "folder_target"):
     key = "source_dir" if name == "folder_source" else "target_dir"
     raw_dir = data_cfg.folder[key]
-    if not raw_dir:
-      raise ValueError(f"config.data.folder.{key} is empty but config uses {name!r}.")
     raw_dir = os.path.abspath(os.path.expanduser(raw_dir))
     label_map = data_cfg.folder.label_map or None
-    rgb = data_cfg.folder.get("rgb_labels", "reject")
+    rgb = data_cfg.folder.rgb_labels
     source = builders.source_key(raw_dir, label_map, rgb)
     data_dir = os.path.join(builders.data_root(data_cfg), "folder",
                             f"{os.path.basename(raw_dir)}-{source}")
