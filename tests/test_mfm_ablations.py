@@ -119,9 +119,11 @@ def test_mask_strategy_uncertainty_traces():
   assert "loss/mfm_target" in _trace(_grid_config(dict(mask_strategy="uncertainty")))
 
 
-def _mfm_grads(combo):
-  """Gradients of the MFM term alone w.r.t. {'model', 'rebuilder'} on a random batch."""
-  c = _grid_config(combo)  # 64² crops: a 2×2 token grid, so some tokens are masked, some not
+def _mfm_setup(combo):
+  """(state, f) with f(params) = the MFM terms alone on a fixed random batch (64² crops: a 2×2
+  token grid, so some tokens are masked, some not). The model parameters, the batch and the
+  RNG keys do not depend on ``combo``."""
+  c = _grid_config(combo)
   validation.validate(c)
   net, task = state_lib.build_network(c), state_lib.build_mfm_task(c)
   tx = state_lib.build_optimizer(c, net, task)
@@ -142,9 +144,67 @@ def _mfm_grads(combo):
                                       teacher_features=t_feats, teacher_logits=t_logits),
                           source=dict(images=img, labels=lbl, features=src_feats,
                                       teacher_features=t_feats))
-    return sum(terms.values())
+    return terms
 
-  return jax.jit(jax.grad(f))(st.params)
+  return st, f
+
+
+def _mfm_grads(combo):
+  """Gradients of the MFM term alone w.r.t. {'model', 'rebuilder'} on a random batch."""
+  st, f = _mfm_setup(combo)
+  return jax.jit(jax.grad(lambda p: sum(f(p).values())))(st.params)
+
+
+def _mfm_terms(combo):
+  st, f = _mfm_setup(combo)
+  return {k: float(v) for k, v in jax.jit(f)(st.params).items()}, st
+
+
+_DEFAULT_TERMS = []
+
+
+def _default_terms():
+  if not _DEFAULT_TERMS:
+    _DEFAULT_TERMS.append(_mfm_terms({})[0])
+  return _DEFAULT_TERMS[0]
+
+
+# combo → how its MFM value relates to the default's (target, classification, Rebuilder on all
+# levels, random masking, nothing frozen) for the same parameters, batch and keys.
+_VALUE_CASES = [
+    (dict(objective="feature"), "differs"),
+    (dict(objective="pixel"), "differs"),
+    (dict(rebuild=False), "differs"),
+    (dict(levels="last"), "differs"),
+    # On a 2×2 grid the guided draw can pick the random draw's cells: value checks only.
+    (dict(mask_strategy="uncertainty"), "finite"),
+    (dict(domain="both"), "target_equal"),
+    (dict(freeze="encoder"), "equal"),  # freezing stops gradients, never changes the value
+]
+
+
+@pytest.mark.parametrize("combo,relation", _VALUE_CASES,
+                         ids=lambda x: "-".join(f"{v}" for v in x.values())
+                         if isinstance(x, dict) else x)
+def test_ablation_changes_the_mfm_value(combo, relation):
+  default = _default_terms()
+  assert set(default) == {"mfm_target"}
+  assert np.isfinite(default["mfm_target"]) and default["mfm_target"] > 0
+  terms, st = _mfm_terms(combo)
+  want = {"target": {"mfm_target"}, "source": {"mfm_source"},
+          "both": {"mfm_target", "mfm_source"}}[combo.get("domain", "target")]
+  assert set(terms) == want, terms  # the switched-off domain has no term at all
+  assert all(np.isfinite(v) and v > 0 for v in terms.values()), terms
+  assert ("rebuilder" in st.params) == combo.get("rebuild", True)
+  if relation == "equal":
+    assert terms["mfm_target"] == pytest.approx(default["mfm_target"], rel=1e-6)
+  elif relation == "target_equal":
+    # 'both' = the default's target term (same keys, same features) + a source term.
+    assert terms["mfm_target"] == pytest.approx(default["mfm_target"], rel=1e-5)
+  elif relation == "differs":
+    # Deterministic computation: an ignored switch reproduces the default's value exactly (an
+    # untrained decoder on random labels keeps the CE near log 19, so changes are small).
+    assert terms["mfm_target"] != pytest.approx(default["mfm_target"], rel=1e-6, abs=0)
 
 
 def _norm(tree):

@@ -3,7 +3,6 @@ ensure_synthetic through the real builders."""
 
 import glob
 import os
-import time
 
 import numpy as np
 import PIL.Image
@@ -114,11 +113,20 @@ def test_domain_shift(tmp_path, shift):
     assert abs(src_acc - tgt_acc) < 0.02, (src_acc, tgt_acc)
 
 
-def test_generation_speed(tmp_path):
-  start = time.time()
+def test_generation_at_benchmark_size(tmp_path):
+  """The synthetic preset's size (192×96): every requested image and label is written, at
+  that size, with the target split over its cities."""
   synthetic.generate(str(tmp_path), seed=0, num_source=60, num_target=30, num_val=10,
                      width=192, height=96, shift=1.25)
-  assert time.time() - start < 10.0  # ~600 images in a few seconds
+  files = _files(tmp_path)
+  count = lambda part: sum(part in f for f in files)  # noqa: E731
+  assert len(files) == 2 * (60 + 30 + 10)
+  assert count("gta5/images/") == count("gta5/labels/") == 60
+  assert count("leftImg8bit/train/") == count("gtFine/train/") == 30
+  assert count("leftImg8bit/val/") == count("gtFine/val/") == 10
+  assert {f.split("/")[3] for f in files if "/train/" in f} == set(synthetic._TRAIN_CITIES)
+  for rel in (files[0], files[-1]):
+    assert PIL.Image.open(tmp_path / rel).size == (192, 96)
 
 
 def test_ensure_synthetic_prepares_through_builders(tmp_path):
