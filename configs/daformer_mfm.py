@@ -3,7 +3,8 @@ r"""DAFormer + MFM on GTA→Cityscapes, MiT-B5 + DAFormer head, 512 crops.
 Presets (--config=configs/daformer_mfm.py:synthetic,steps=200): see mfm_jax.config.fragments.PRESETS.
 """
 
-from mfm_jax.config import base, fragments
+from mfm_jax.config import base
+from mfm_jax.config import fragments
 
 
 def get_config(arg=None):

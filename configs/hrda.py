@@ -3,7 +3,8 @@ r"""HRDA (DAFormer-style UDA on the multi-resolution network) on GTA→Cityscape
 Presets: see ``mfm_jax.config.fragments.PRESETS``; ``:mfm=True`` gives HRDA + MFM.
 """
 
-from mfm_jax.config import base, fragments
+from mfm_jax.config import base
+from mfm_jax.config import fragments
 
 
 def get_config(arg=None):

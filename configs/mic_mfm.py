@@ -6,7 +6,8 @@ attention), MIC with 64-px blocks, MFM on the context features. Presets
 variant is ``configs/mic_mfm_daformer.py``.
 """
 
-from mfm_jax.config import base, fragments
+from mfm_jax.config import base
+from mfm_jax.config import fragments
 
 
 def get_config(arg=None):

@@ -20,8 +20,9 @@ import PIL.ImageDraw
 import PIL.ImageFont
 
 from mfm_jax import predict
+from mfm_jax.data import synthetic
+from mfm_jax.data import transforms
 from mfm_jax.evaluation import visualize
-from mfm_jax.data import synthetic, transforms
 
 TITLES = ("source: rendered (GTA5 layout)", "target: 'real' (Cityscapes layout)",
           "prediction (MIC(HRDA) + MFM)", "overlay")
@@ -80,7 +81,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "Config file[:preset] of the trained run.")
   flags.DEFINE_string("checkpoint", None, "Orbax checkpoint (the run's checkpoints/), .pth or "

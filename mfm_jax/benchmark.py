@@ -25,13 +25,16 @@ import statistics
 import time
 from typing import Any
 
+from absl import app
+from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
-import numpy as np
-from absl import app, flags, logging
 from ml_collections import config_flags
+import numpy as np
 
-from mfm_jax.config import fragments, validation
+from mfm_jax.config import fragments
+from mfm_jax.config import validation
 from mfm_jax.trainer import parallel
 from mfm_jax.trainer import state as state_lib
 from mfm_jax.trainer.step import jit_update_fn
@@ -160,6 +163,7 @@ def torch_segformer_step(config, steps: int, warmup: int) -> dict[str, Any]:
   """A transformers SegFormer (same MiT variant) supervised training step in PyTorch."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
+
   from mfm_jax.models import mit  # pylint: disable=g-import-not-at-top
   v = mit.MIT_VARIANTS[config.model.backbone]
   cfg = transformers.SegformerConfig(

@@ -23,15 +23,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from mfm_jax.trainer import checkpoint
 from mfm_jax.config import validation
-from mfm_jax.runtime import errors
-from mfm_jax.evaluation import inference
-from mfm_jax.runtime import json_io
-from mfm_jax.trainer import state as state_lib
 from mfm_jax.data import pipeline
+from mfm_jax.evaluation import inference
 from mfm_jax.evaluation.metrics import format_report
-
+from mfm_jax.runtime import errors
+from mfm_jax.runtime import json_io
+from mfm_jax.trainer import checkpoint
+from mfm_jax.trainer import state as state_lib
 
 # PyTorch-layout weight files; anything else must be an Orbax checkpoint directory.
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -60,7 +59,8 @@ def load_variables(config: ml_collections.ConfigDict, net, path: str,
   target = {"params": shapes["params"]["model"], "batch_stats": shapes["batch_stats"]}
   info = {"checkpoint": path, "which": which, "notes": []}
   if path.lower().endswith(WEIGHT_FILE_SUFFIXES):
-    from mfm_jax.convert import mapping, torch_io  # pylint: disable=g-import-not-at-top
+    from mfm_jax.convert import mapping  # pylint: disable=g-import-not-at-top
+    from mfm_jax.convert import torch_io
     ckpt = torch_io.load_checkpoint(path, which=which)
     loaded = mapping.torch_to_flax(ckpt.state_dict, torch_arch(config))
     params, bstats = loaded["params"], loaded.get("batch_stats", {})

@@ -9,7 +9,8 @@ non-zero (``--verbose`` adds the traceback); the exit codes are listed in
 SIGTERM/SIGINT with a checkpoint, run the same command again to resume".
 """
 
-from absl import flags, logging
+from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from mfm_jax.runtime import errors
@@ -40,7 +41,8 @@ def main(argv) -> int:
   if not FLAGS.workdir:
     raise validation.ConfigError("--workdir is required (the directory for checkpoints, logs "
                                  "and results).")
-  from mfm_jax.trainer import loop, parallel  # pylint: disable=g-import-not-at-top
+  from mfm_jax.trainer import loop  # pylint: disable=g-import-not-at-top
+  from mfm_jax.trainer import parallel
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
   logging.info("Config:\n%s", config)

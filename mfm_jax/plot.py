@@ -12,10 +12,11 @@ called from other programs, e.g. a study runner. The default output is
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import json
 import math
 import os
-from collections.abc import Sequence
+
 from mfm_jax.runtime import json_io
 
 METRICS_FILE = "metrics.jsonl"
@@ -88,6 +89,7 @@ def plot_runs(workdirs: Sequence[str], output_path: str,
     # pylint: disable=g-import-not-at-top
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
     # pylint: enable=g-import-not-at-top
   except ImportError:
     raise ImportError("mfm_jax.plot needs matplotlib: pip install -e \".[plot]\"") from None
@@ -119,6 +121,7 @@ def plot_runs(workdirs: Sequence[str], output_path: str,
 
 def main(argv):
   import sys  # pylint: disable=g-import-not-at-top
+
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   workdirs = list(f.workdir or []) + list(argv[1:])  # --workdir=a b c and --workdir=a --workdir=b
@@ -131,7 +134,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags
   flags.DEFINE_multi_string("workdir", None, "Training workdir(s) with metrics.jsonl; more "
                             "may follow as arguments.")
   flags.DEFINE_string("output", "", "PNG path (default: <first workdir>/curves.png).")

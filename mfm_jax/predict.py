@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 import numpy as np
+
 from mfm_jax.runtime import json_io
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -185,6 +186,7 @@ def _prefetch(items: list[Item], scale, workers: int):
 def load_model(config, checkpoint_path: str, which: str = "student", mode: str = ""):
   """``(config, net, variables, predict_fn, load report)`` for ``checkpoint_path``."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from mfm_jax import evaluate  # pylint: disable=g-import-not-at-top
   from mfm_jax.config import validation
   from mfm_jax.evaluation import inference
@@ -223,6 +225,7 @@ def predict(config, checkpoint_path: str, input_spec: str, output_dir: str, *,
             num_workers: int = 2, alpha: float = 0.5, stream=None) -> dict[str, Any]:
   """Segments every image of ``input_spec`` into ``output_dir``; returns the summary dict."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   from mfm_jax.runtime import progress as progress_lib  # pylint: disable=g-import-not-at-top
   if batch_size < 1:
     raise PredictError(f"--batch_size={batch_size} must be >= 1.")
@@ -325,7 +328,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "Config file[:preset] of the network.",
                                   lock_config=False)

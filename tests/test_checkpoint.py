@@ -7,13 +7,16 @@ import subprocess
 import sys
 import textwrap
 
+from flax import struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from jax.sharding import SingleDeviceSharding
 import numpy as np
 import optax
 import pytest
-from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from mfm_jax.trainer import checkpoint
 
@@ -280,6 +283,7 @@ def test_failed_save_stops_at_once_and_keeps_the_last_good(tmp_path, monkeypatch
   """A forced failure inside Orbax's save (a full disk) raises at once, naming path and cause."""
   import errno  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
+
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   net = _host_state()
   ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", keep=1)

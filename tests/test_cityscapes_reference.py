@@ -8,8 +8,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from mfm_jax.evaluation import metrics
 from mfm_jax.data import labels
+from mfm_jax.evaluation import metrics
 
 cs_labels = pytest.importorskip("cityscapesscripts.helpers.labels")
 

@@ -10,10 +10,10 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from mfm_jax.trainer import checkpoint
 from mfm_jax.config import validation
 from mfm_jax.runtime import errors
 from mfm_jax.runtime import json_io
+from mfm_jax.trainer import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

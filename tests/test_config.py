@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 import jax
-import pytest
 from ml_collections import config_flags  # noqa: F401  (imported for its side effects in main)
+import pytest
 
-from mfm_jax.config import fragments, validation
+from mfm_jax.config import fragments
+from mfm_jax.config import validation
 from mfm_jax.trainer import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

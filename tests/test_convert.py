@@ -8,23 +8,25 @@ import os
 import subprocess
 import sys
 
+from flax import traverse_util
 import jax
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from mfm_jax.config import base
-from mfm_jax.trainer import checkpoint
 from mfm_jax.convert import cli
-from mfm_jax.convert import hf_segformer, mapping
+from mfm_jax.convert import hf_segformer
+from mfm_jax.convert import mapping
 from mfm_jax.convert import torch_io
 from mfm_jax.models import daformer_head
 from mfm_jax.models import mit
 from mfm_jax.models import segmentor
+from mfm_jax.trainer import checkpoint
 
 torch = pytest.importorskip("torch")
 
 from reference_data import STATEDICTS as _STATEDICTS  # noqa: E402
+
 _IMAGE = jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32)
 
 

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mfm_jax.data import labels
 from mfm_jax.evaluation import metrics as ev
 from mfm_jax.evaluation import sliding
-from mfm_jax.data import labels
 from mfm_jax.ops import resize_bilinear
 
 

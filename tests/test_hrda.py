@@ -14,15 +14,17 @@ import numpy as np
 import pytest
 
 from mfm_jax import ops
-from mfm_jax.config import base, validation
+from mfm_jax.config import base
+from mfm_jax.config import validation
 from mfm_jax.evaluation import sliding
 from mfm_jax.models import hrda
-from mfm_jax.trainer import state as state_lib
 from mfm_jax.models import hrda_head
 from mfm_jax.models import segmentor
+from mfm_jax.trainer import state as state_lib
 from mfm_jax.uda import losses
 
 from reference_data import STATEDICTS as _STATEDICTS  # noqa: E402
+
 K = 19
 
 

@@ -14,7 +14,9 @@ import sys
 import jax
 import pytest
 
-from mfm_jax.config import base, fragments, validation
+from mfm_jax.config import base
+from mfm_jax.config import fragments
+from mfm_jax.config import validation
 from mfm_jax.trainer import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from mfm_jax import benchmark
-from mfm_jax.config import fragments, validation
+from mfm_jax.config import fragments
+from mfm_jax.config import validation
 from mfm_jax.trainer import state as state_lib
 from mfm_jax.trainer.step import make_update_fn
 

@@ -7,19 +7,21 @@ Large variants are only traced with ``jax.eval_shape`` (no B5 compute on CPU); f
 import math
 import os
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
-from mfm_jax.config import base, validation
+from mfm_jax.config import base
+from mfm_jax.config import validation
 from mfm_jax.models import daformer_head
 from mfm_jax.models import mit
 from mfm_jax.models import segmentor
 
 from reference_data import STATEDICTS as _STATEDICTS  # noqa: E402
+
 _X = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
 
 

@@ -8,17 +8,18 @@ import json
 import math
 import os
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from mfm_jax.models import deeplab
 from mfm_jax.models import resnet
 
 from reference_data import STATEDICTS as _STATEDICTS  # noqa: E402
+
 _TSV = os.path.join(_STATEDICTS, "statedict_dlv2red_r101v1c.tsv")
 
 

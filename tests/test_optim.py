@@ -7,7 +7,8 @@ import optax
 import pytest
 import torch
 
-from mfm_jax.config import base, validation
+from mfm_jax.config import base
+from mfm_jax.config import validation
 from mfm_jax.trainer import optim
 
 REFERENCE_KEYS = {"head": (10, 1), "pos_block": (1, 0), "norm": (1, 0)}

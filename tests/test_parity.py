@@ -22,7 +22,8 @@ transformers = pytest.importorskip("transformers")
 nn = torch.nn
 F = torch.nn.functional
 
-from mfm_jax.convert import hf_segformer, mapping  # noqa: E402
+from mfm_jax.convert import hf_segformer  # noqa: E402
+from mfm_jax.convert import mapping
 from mfm_jax.models import daformer_head  # noqa: E402
 from mfm_jax.models import mit  # noqa: E402
 from mfm_jax.models import segmentor  # noqa: E402

@@ -8,8 +8,10 @@ import PIL.Image
 import pytest
 
 from mfm_jax.config import base
-from mfm_jax.data import builders, pipeline, splits
+from mfm_jax.data import builders
+from mfm_jax.data import pipeline
 from mfm_jax.data import rcs as rcs_lib
+from mfm_jax.data import splits
 
 RARE = 18  # bicycle (Cityscapes label id 33): only in one GTA image
 _IDS = np.array([7, 8, 11, 21, 23, 26, 0], np.uint8)  # road, sidewalk, building, veg., sky, car, 255

@@ -14,13 +14,14 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from mfm_jax import evaluate, predict
+from mfm_jax import evaluate
+from mfm_jax import predict
 from mfm_jax.config import fragments
+from mfm_jax.convert import cli
+from mfm_jax.data import labels
 from mfm_jax.evaluation import inference
 from mfm_jax.trainer import loop
 from mfm_jax.trainer import state as state_lib
-from mfm_jax.convert import cli
-from mfm_jax.data import labels
 
 SIZES = {"a.png": (96, 192), "sub/b.jpg": (50, 70), "sub/deeper/c.png": (120, 90),
          "sub/d.png": (96, 192)}

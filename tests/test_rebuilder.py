@@ -11,11 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mfm_jax.config import base
+from mfm_jax.config import fragments
+from mfm_jax.convert import mapping
+from mfm_jax.convert import rebuilder_mapping
+from mfm_jax.models import rebuilder
+from mfm_jax.models import segmentor
 from mfm_jax.trainer import checkpoint
-from mfm_jax.config import base, fragments
 from mfm_jax.trainer import state as state_lib
-from mfm_jax.convert import mapping, rebuilder_mapping
-from mfm_jax.models import rebuilder, segmentor
 from mfm_jax.uda import mfm
 
 torch = pytest.importorskip("torch")

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from safetensors import numpy as st_numpy
 
-from mfm_jax.trainer import checkpoint
 from mfm_jax.convert import cli
 from mfm_jax.convert import mapping
 from mfm_jax.convert import safetensors_io
@@ -18,6 +17,7 @@ from mfm_jax.convert import torch_io
 from mfm_jax.models import daformer_head
 from mfm_jax.models import mit
 from mfm_jax.models import segmentor
+from mfm_jax.trainer import checkpoint
 
 _IMAGE = jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32)
 

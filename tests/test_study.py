@@ -5,13 +5,18 @@ import json
 import math
 import os
 
-import numpy as np
-import pytest
 from absl import flags
 from ml_collections import config_flags
+import numpy as np
+import pytest
 
-from mfm_jax.config import fragments, validation
-from mfm_jax.study import cli, grids, plots, results, runner
+from mfm_jax.config import fragments
+from mfm_jax.config import validation
+from mfm_jax.study import cli
+from mfm_jax.study import grids
+from mfm_jax.study import plots
+from mfm_jax.study import results
+from mfm_jax.study import runner
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -324,8 +329,8 @@ def test_pc1_and_masked_cosine():
 def test_latent_figure_on_a_one_step_mfm_run(tmp_path):
   """A one-step DACS+MFM run: the figure is written, visible cells are the encoder's own."""
   from mfm_jax.config import fragments  # pylint: disable=g-import-not-at-top
-  from mfm_jax.trainer import loop
   from mfm_jax.study import latent  # pylint: disable=g-import-not-at-top
+  from mfm_jax.trainer import loop
   c = fragments.compose(fragments.dacs, fragments.mfm, presets="synthetic")
   c.data.synthetic.num_source, c.data.synthetic.num_target, c.data.synthetic.num_val = 8, 4, 2
   c.data.data_dir = str(tmp_path / "data")

@@ -50,7 +50,8 @@ def _params(workdir, step):
 
 def _val_labelled_pixels(c, data_dir=None):
   """Labelled (non-255) pixels of the whole validation split, from the class statistics."""
-  from mfm_jax.data import splits, synthetic  # pylint: disable=g-import-not-at-top
+  from mfm_jax.data import splits  # pylint: disable=g-import-not-at-top
+  from mfm_jax.data import synthetic
   if data_dir is None:
     data_dir = synthetic.ensure_synthetic(c.data)
   return int(splits.load_class_stats("cityscapes", "val", data_dir).sum())
@@ -218,6 +219,7 @@ class _SignalAt:
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_signal_stops_within_one_step_with_a_checkpoint(tmp_path, data_dir, monkeypatch, sig):
   import signal  # pylint: disable=g-import-not-at-top
+
   from mfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   make = pipeline.make_train_iterator
   monkeypatch.setattr(pipeline, "make_train_iterator",
@@ -265,6 +267,7 @@ def test_failed_save_stops_the_run_at_once(tmp_path, data_dir, monkeypatch):
   """A forced-failure checkpointer (full disk at step 4): the run stops with the path and the
   cause, the step-2 checkpoint stays restorable."""
   import errno  # pylint: disable=g-import-not-at-top
+
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   original = ocp.CheckpointManager.save
 
@@ -305,7 +308,8 @@ def test_hrda_mic_mfm_synthetic_trains(tmp_path, data_dir):
 
 def test_trains_on_prepared_gta5_and_cityscapes_folders(tmp_path, data_dir):
   """The real dataset names (gta5 → cityscapes) on raw folders prepared with the CLI path."""
-  from mfm_jax.data import builders, synthetic  # pylint: disable=g-import-not-at-top
+  from mfm_jax.data import builders  # pylint: disable=g-import-not-at-top
+  from mfm_jax.data import synthetic
   c = small_config(**{"data.data_dir": data_dir})
   synthetic.ensure_synthetic(c.data)
   raw = os.path.join(builders.raw_root(c.data), "synthetic", synthetic.synthetic_key(c.data))

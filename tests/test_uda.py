@@ -9,9 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mfm_jax.uda import (augment, classmix, ema, feature_distance, losses, masking, mfm,
-                         pseudo_labels)
 from mfm_jax.data.labels import THING_CLASSES
+from mfm_jax.uda import augment
+from mfm_jax.uda import classmix
+from mfm_jax.uda import ema
+from mfm_jax.uda import feature_distance
+from mfm_jax.uda import losses
+from mfm_jax.uda import masking
+from mfm_jax.uda import mfm
+from mfm_jax.uda import pseudo_labels
 
 # The reference feature-distance settings (config.uda.fd: thing classes, scale_min_ratio 0.75).
 _FD = dict(classes=THING_CLASSES, scale_min_ratio=0.75, num_classes=19)

@@ -224,7 +224,8 @@ def _hrda_scales(hcfg) -> tuple[float, float]:
 
 def _check_hrda(config: ml_collections.ConfigDict) -> None:
   """Raises ``ValueError`` naming the key of an HRDA setting this implementation cannot run."""
-  from mfm_jax.models.hrda import HEAD_OUTPUT_STRIDE, MFM_FEATURES  # pylint: disable=g-import-not-at-top
+  from mfm_jax.models.hrda import HEAD_OUTPUT_STRIDE  # pylint: disable=g-import-not-at-top
+  from mfm_jax.models.hrda import MFM_FEATURES
   m, hcfg = config.model, config.model.hrda
   if not m.head.startswith("daformer_"):
     raise ValueError(f"config.model.head={m.head!r}: HRDA here needs a DAFormer head (stride-4 "

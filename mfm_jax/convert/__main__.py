@@ -16,10 +16,10 @@ Unreadable, unsafe (pickled code) or mismatching files print one line and exit 1
 from absl import app
 from absl import flags
 
-from mfm_jax.runtime import errors
 from mfm_jax.convert import cli
 from mfm_jax.convert import mapping
 from mfm_jax.convert import rebuilder_mapping
+from mfm_jax.runtime import errors
 
 _INPUT = flags.DEFINE_string("input", None, ".pth / .safetensors file, or an Orbax directory "
                              "with --to_torch.")

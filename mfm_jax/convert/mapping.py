@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mfm_jax.runtime import errors
 from mfm_jax.models import daformer_head
 from mfm_jax.models import mit
+from mfm_jax.runtime import errors
 
 MIT_ARCHS = tuple(mit.MIT_VARIANTS)
 BACKBONE_ARCHS = MIT_ARCHS + ("resnet",)

@@ -10,11 +10,12 @@ upcast to float32 with a note, as for ``.pth``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
+import os
 from typing import Any
 
 import numpy as np
+
 from mfm_jax.runtime import json_io
 
 SUFFIX = ".safetensors"
@@ -51,8 +52,9 @@ def save(state_dict: Mapping[str, Any], path: str) -> None:
   ``{"format": "pt"}`` lets ``safetensors.torch`` / transformers read the file as PyTorch
   weights.
   """
-  from mfm_jax.convert import torch_io  # pylint: disable=g-import-not-at-top
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+
+  from mfm_jax.convert import torch_io  # pylint: disable=g-import-not-at-top
   directory = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(directory):
     raise torch_io.TorchCheckpointError(f"Output directory {directory} of {path} does not exist.")

@@ -20,6 +20,7 @@ from absl import logging
 import numpy as np
 
 from mfm_jax.data.labels import NUM_CLASSES
+
 RETRIES = 10  # the reference re-loads the source sample up to 10 times
 
 

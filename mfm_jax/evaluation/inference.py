@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from absl import logging
-
 from mfm_jax import ops
-from mfm_jax.evaluation import metrics, sliding
-from mfm_jax.runtime import progress as progress_lib
 from mfm_jax.data import labels as labels_lib
+from mfm_jax.evaluation import metrics
+from mfm_jax.evaluation import sliding
+from mfm_jax.runtime import progress as progress_lib
 
 
 def make_predict_fn(config: ml_collections.ConfigDict, net, *,

@@ -8,18 +8,20 @@ Whole-image and sliding-window inference are in ``mfm_jax.evaluation.sliding``.
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+import math
 from typing import Any
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mfm_jax.data.labels import CLASSES, NUM_CLASSES, SYNTHIA13_CLASSES, SYNTHIA16_CLASSES
+from mfm_jax.data.labels import CLASSES
+from mfm_jax.data.labels import NUM_CLASSES
+from mfm_jax.data.labels import SYNTHIA13_CLASSES
+from mfm_jax.data.labels import SYNTHIA16_CLASSES
 from mfm_jax.ops import IGNORE_INDEX
-
 
 
 def confusion_matrix(pred: jax.Array, label: jax.Array,

@@ -7,8 +7,8 @@ Pure numpy + Pillow, no JAX.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
+import math
 from typing import Any
 
 import numpy as np

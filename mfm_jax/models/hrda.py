@@ -40,10 +40,13 @@ import numpy as np
 
 from mfm_jax import ops
 from mfm_jax.evaluation import sliding
-from mfm_jax.models.network import SegmentationNetwork
 from mfm_jax.models import daformer_head
 from mfm_jax.models import segmentor as segmentor_lib
-from mfm_jax.models.hrda_head import HRDAHead, HRDASegmentor, fuse, lr_size
+from mfm_jax.models.hrda_head import fuse
+from mfm_jax.models.hrda_head import HRDAHead
+from mfm_jax.models.hrda_head import HRDASegmentor
+from mfm_jax.models.hrda_head import lr_size
+from mfm_jax.models.network import SegmentationNetwork
 from mfm_jax.uda import losses
 
 Variables = dict[str, Any]

@@ -15,7 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from mfm_jax import ops
-from mfm_jax.models import daformer_head, deeplab, mit, resnet
+from mfm_jax.models import daformer_head
+from mfm_jax.models import deeplab
+from mfm_jax.models import mit
+from mfm_jax.models import resnet
 
 BACKBONES = tuple(mit.MIT_VARIANTS) + (
     "resnet50_v1c", "resnet101_v1c", "resnet50", "resnet101", "resnet_tiny_v1c")

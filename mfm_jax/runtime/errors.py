@@ -13,9 +13,9 @@ Exit codes (README, "Failure behaviour"; ``launch/slurm.sbatch`` requeues on ``P
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from absl import app

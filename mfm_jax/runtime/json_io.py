@@ -6,12 +6,11 @@ reject Python's default ``NaN`` token, so every JSON file this project writes go
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 import contextlib
 import json
 import math
 import os
-from collections.abc import Mapping
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np

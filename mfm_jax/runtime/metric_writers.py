@@ -14,9 +14,9 @@ the original names. Only process 0 should write (``enabled=False`` elsewhere).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import itertools
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np

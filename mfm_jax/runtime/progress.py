@@ -15,10 +15,10 @@ measured over the last ``window`` updates, so a slow first step (compilation) dr
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from typing import Any, TextIO
 
 

@@ -17,6 +17,7 @@ process 0 takes the lock and all processes agree on the outcome (one broadcast a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import contextlib
 import dataclasses
 import datetime
@@ -24,7 +25,6 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Iterator
 
 from absl import logging
 

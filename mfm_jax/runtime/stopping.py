@@ -20,8 +20,8 @@ import threading
 import time
 from typing import Any
 
-import jax
 from absl import logging
+import jax
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

@@ -23,7 +23,10 @@ import ast
 import os
 from typing import Any, Sequence
 
-from mfm_jax.study import grids, plots, results, runner
+from mfm_jax.study import grids
+from mfm_jax.study import plots
+from mfm_jax.study import results
+from mfm_jax.study import runner
 
 
 def parse_override(text: str) -> tuple[str, Any]:

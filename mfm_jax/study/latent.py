@@ -42,11 +42,12 @@ def rebuild_one(rdir: str, image_index: int = 0, seed: int = 0) -> dict[str, Any
   """(image crop, keep mask, original and rebuilt features per level) of one val image."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   from mfm_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from mfm_jax.trainer import checkpoint
-  from mfm_jax.trainer import state as state_lib
   from mfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from mfm_jax.study import visual  # pylint: disable=g-import-not-at-top
+  from mfm_jax.trainer import checkpoint
+  from mfm_jax.trainer import state as state_lib
   config = visual.load_run_config(rdir)
   if not (config.mfm.enabled and config.mfm.rebuild):
     raise ValueError(f"{rdir} is not a run with an MFM Rebuilder (config.mfm.enabled/rebuild).")
@@ -76,6 +77,7 @@ def latent_figure(rdir: str, output: str, image_index: int = 0, seed: int = 0
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   from mfm_jax.study import visual  # pylint: disable=g-import-not-at-top
   from mfm_jax.uda import mfm  # pylint: disable=g-import-not-at-top
   out = rebuild_one(rdir, image_index, seed)
@@ -122,7 +124,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags
   flags.DEFINE_string("run", None, "A finished training workdir with MFM (Rebuilder on).")
   flags.DEFINE_string("output", "latent.png", "PNG to write.")
   flags.DEFINE_integer("image_index", 0, "Which target val image.")

@@ -20,7 +20,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
 
-from mfm_jax.study import grids, results, runner  # noqa: E402  pylint: disable=g-import-not-at-top
+from mfm_jax.study import grids  # noqa: E402  pylint: disable=g-import-not-at-top
+from mfm_jax.study import results
+from mfm_jax.study import runner
 
 MIOU_KEY = "eval/mIoU"
 PSEUDO_KEY = "pseudo_weight"

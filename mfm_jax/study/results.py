@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mfm_jax.study import grids, runner
+from mfm_jax.study import grids
+from mfm_jax.study import runner
 
 
 def collect(runs: Sequence[grids.Run], workdir: str, common=()) -> list[dict[str, Any]]:

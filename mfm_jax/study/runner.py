@@ -32,8 +32,8 @@ import ml_collections
 
 import mfm_jax
 from mfm_jax.config import validation
-from mfm_jax.study import grids
 from mfm_jax.runtime import json_io
+from mfm_jax.study import grids
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(mfm_jax.__file__)))
 SPEC_FILE = "study_run.json"

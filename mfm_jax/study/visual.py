@@ -55,11 +55,12 @@ def predict_images(rdirs: Sequence[str], num_images: int = 4
 
   The runs must share the evaluation data (``config.data``'s target, val split, test scale).
   """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   from mfm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from mfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from mfm_jax.evaluation import inference
   from mfm_jax.trainer import state as state_lib
-  from mfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   images, gts, preds = [], [], []
   for i, rdir in enumerate(rdirs):
     config = load_run_config(rdir)
@@ -128,7 +129,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags
   flags.DEFINE_list("runs", None, "Finished training workdirs (e.g. without and with MFM).")
   flags.DEFINE_list("labels", [], "Column names, one per run (default: the folder names).")
   flags.DEFINE_string("output", "predictions.png", "PNG to write.")

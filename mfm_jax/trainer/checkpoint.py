@@ -21,19 +21,19 @@ the next save and then left Orbax threads waiting minutes for signals that never
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import datetime
 import json
 import math
 import os
-from collections.abc import Sequence
 from typing import Any
 
+from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
-from etils import epath
 
 from mfm_jax.runtime import errors
 

@@ -18,25 +18,26 @@ import resource
 import time
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 
-from mfm_jax.trainer import checkpoint
 from mfm_jax.config import validation
-from mfm_jax.runtime import errors
+from mfm_jax.data import pipeline
 from mfm_jax.evaluation import inference
+from mfm_jax.evaluation import visualize
+from mfm_jax.evaluation.metrics import format_report
+from mfm_jax.evaluation.metrics import report_scalars
+from mfm_jax.runtime import errors
 from mfm_jax.runtime import json_io
 from mfm_jax.runtime import metric_writers
-from mfm_jax.trainer import parallel
-from mfm_jax.runtime import run_lock
-from mfm_jax.trainer import state as state_lib
-from mfm_jax.runtime import stopping
 from mfm_jax.runtime import progress as progress_lib
-from mfm_jax.evaluation import visualize
-from mfm_jax.data import pipeline
-from mfm_jax.evaluation.metrics import format_report, report_scalars
+from mfm_jax.runtime import run_lock
+from mfm_jax.runtime import stopping
+from mfm_jax.trainer import checkpoint
+from mfm_jax.trainer import parallel
+from mfm_jax.trainer import state as state_lib
 from mfm_jax.trainer.step import jit_update_fn
 
 

@@ -9,10 +9,13 @@ as on one device with the same global batch.
 from __future__ import annotations
 
 import os
-import jax
-import numpy as np
+
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
 
 DATA_AXIS = "data"
 

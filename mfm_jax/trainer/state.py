@@ -15,10 +15,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mfm_jax.trainer import optim
-from mfm_jax.models.network import SegmentationNetwork
-from mfm_jax.uda.mfm import MFMTask
 from mfm_jax.models import segmentor as segmentor_lib
+from mfm_jax.models.network import SegmentationNetwork
+from mfm_jax.trainer import optim
+from mfm_jax.uda.mfm import MFMTask
+
 
 @flax.struct.dataclass
 class TrainState:

@@ -25,11 +25,19 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mfm_jax.models.network import SegmentationNetwork, variables
+from mfm_jax.models.network import SegmentationNetwork
+from mfm_jax.models.network import variables
 from mfm_jax.trainer import parallel
-from mfm_jax.trainer.state import TrainState, needs_imnet, needs_teacher
+from mfm_jax.trainer.state import needs_imnet
+from mfm_jax.trainer.state import needs_teacher
+from mfm_jax.trainer.state import TrainState
+from mfm_jax.uda import augment
+from mfm_jax.uda import classmix
+from mfm_jax.uda import ema
+from mfm_jax.uda import feature_distance
+from mfm_jax.uda import masking
+from mfm_jax.uda import pseudo_labels
 from mfm_jax.uda.mfm import MFMTask
-from mfm_jax.uda import augment, classmix, ema, feature_distance, masking, pseudo_labels
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]

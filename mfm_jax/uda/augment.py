@@ -22,7 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mfm_jax.data.transforms import MEAN, STD  # img_norm_cfg of the reference (RGB order)
+from mfm_jax.data.transforms import MEAN  # img_norm_cfg of the reference (RGB order)
+from mfm_jax.data.transforms import STD
+
 _TWO_PI = 2.0 * math.pi
 
 

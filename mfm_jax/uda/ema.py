@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+
 def ema_alpha(step, alpha_max: float) -> jax.Array:
   """EMA decay alpha_t = min(1 - 1/(t+1), alpha_max) for (local) iteration ``t``.
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from mfm_jax import ops
 
+
 def downscale_label_ratio(labels: jax.Array, scale_factor: int,
                           min_ratio: float, num_classes: int) -> jax.Array:
   """Down-scales ``labels [B, H, W]`` by an integer factor (mmseg-uda ``downscale_label_ratio``).

@@ -36,11 +36,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from mfm_jax import ops
-from mfm_jax.models.network import SegmentationNetwork, variables
+from mfm_jax.models.network import SegmentationNetwork
+from mfm_jax.models.network import variables
 from mfm_jax.models.rebuilder import Rebuilder
-
-
-
 
 
 def token_grid(last_level_size: tuple[int, int], grid_size: int

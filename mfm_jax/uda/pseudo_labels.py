@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from mfm_jax import ops
 
+
 def pseudo_labels(teacher_logits: jax.Array, size: tuple[int, int],
                   threshold: float | None, valid_mask: jax.Array | None = None,
                   ignore_top: int = 0, ignore_bottom: int = 0) -> tuple[jax.Array, jax.Array]:
