@@ -8,6 +8,7 @@ import PIL.Image
 import pytest
 
 from mfm_jax.config import base
+from mfm_jax.config import validation
 from mfm_jax.data import builders
 from mfm_jax.data import pipeline
 from mfm_jax.data import rcs as rcs_lib
@@ -202,8 +203,10 @@ def test_prepared_scale_reads_pre_resized_copies_with_the_same_stream(data_dir):
 
 
 def test_config_errors_are_clear(data_dir):
-  with pytest.raises(ValueError, match="crop_size"):
-    next(pipeline.make_train_iterator(data_config(data_dir, crop_size=(24,)), seed=0))
+  c = base.base_config()
+  c.data.crop_size = (24,)  # sizes are checked by config validation, before any data is read
+  with pytest.raises(validation.ConfigError, match="crop_size"):
+    validation.validate(c)
   with pytest.raises(ValueError, match="Unknown dataset name 'gta6'"):
     pipeline.make_train_iterator(data_config(data_dir, source="gta6"), seed=0)
   with pytest.raises(splits.DatasetNotPreparedError, match="mfm_jax.data.prepare"):

@@ -95,20 +95,20 @@ class MetricWriter:
 
   def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
     """Logs Markdown ``texts`` (tag → text) at ``step`` (TensorBoard's Text tab)."""
-    if not self.enabled:
-      return
-    self._check_open()
-    for tag, text in texts.items():
-      self._tb.add_text(str(tag), str(text), int(step))
-    self.flush()
+    self._write_each(step, texts, lambda tag, text, st: self._tb.add_text(tag, str(text), st))
 
   def write_images(self, step: int, images: Mapping[str, Any]) -> None:
     """Logs uint8 ``[H, W, 3]`` (or ``[H, W]``) ``images`` (tag → array) at ``step``."""
+    self._write_each(step, images, lambda tag, image, st: self._tb.add_image(
+        tag, _to_image(tag, image), st, dataformats="HWC"))
+
+  def _write_each(self, step: int, items: Mapping[str, Any], add) -> None:
+    """``add(tag, value, step)`` for every item, then a flush (TensorBoard only)."""
     if not self.enabled:
       return
     self._check_open()
-    for tag, image in images.items():
-      self._tb.add_image(str(tag), _to_image(str(tag), image), int(step), dataformats="HWC")
+    for tag, value in items.items():
+      add(str(tag), value, int(step))
     self.flush()
 
   def flush(self) -> None:
