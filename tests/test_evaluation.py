@@ -157,3 +157,49 @@ def test_evaluator_accumulates_over_batches():
     evaluator.run([{"image": batches[0]["image"]}])
   with pytest.raises(ValueError, match="class names"):
     ev.Evaluator(predict, 5, labels.CLASSES)
+
+
+class _PixelNet:
+  """Fake network: logits = per-pixel linear map of the normalised image (19 classes)."""
+
+  def predict(self, variables, x, train=False):
+    del train
+    return jnp.einsum("bhwc,ck->bhwk", x, variables["w"]) + variables["b"], None, None
+
+
+def test_mesh_evaluation_equals_a_numpy_reference():
+  """inference.evaluate (prediction + confusion matrix jitted over 4 devices, batches padded to
+  the mesh) gives the report of the one-device prediction counted in numpy."""
+  from mfm_jax.config import fragments  # pylint: disable=g-import-not-at-top
+  from mfm_jax.evaluation import inference
+  from mfm_jax.trainer import parallel
+  k = 19
+  config = fragments.compose(fragments.source_only, presets="synthetic")
+  config.data.eval_batch_size = 3  # → 4 rows on 4 devices: every full batch has a padding row
+  rng = np.random.default_rng(0)
+  variables = {"w": rng.normal(size=(3, k)).astype(np.float32),
+               "b": rng.normal(size=(k,)).astype(np.float32)}
+  batches = []
+  for b, size in ((3, (12, 16)), (3, (12, 16)), (2, (12, 16)), (1, (10, 14))):
+    label = rng.integers(0, k, (b, 2 * size[0], 2 * size[1])).astype(np.int32)
+    label[:, :2] = 255
+    batches.append({"image": rng.integers(0, 256, (b, *size, 3), dtype=np.uint8),
+                    "label": label})
+  mesh = parallel.make_mesh(4)
+  mesh_eval = inference.MeshEvaluation(config, _PixelNet(), mesh)
+  assert mesh_eval.rows == 4
+  seen = []
+  report = inference.evaluate(config, _PixelNet(), variables, batches, mesh_eval,
+                              on_batch=lambda batch, pred: seen.append(np.asarray(pred)),
+                              show_progress=False)
+  predict = inference.make_predict_fn(config, _PixelNet())
+  conf = np.zeros((k, k), np.int64)
+  for batch, pred in zip(batches, seen):
+    ref = np.asarray(predict(variables, batch["image"], batch["label"].shape[1:]))
+    np.testing.assert_array_equal(pred, ref)
+    keep = batch["label"] != 255
+    conf += np.bincount(batch["label"][keep] * k + ref[keep], minlength=k * k).reshape(k, k)
+  expected = ev.miou_report(conf)
+  expected["num_images"] = 9
+  assert report == expected
+  assert report["num_pixels"] == sum(int((b["label"] != 255).sum()) for b in batches)
