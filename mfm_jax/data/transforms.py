@@ -181,7 +181,7 @@ def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generat
                     scale: Sequence[int], crop_size: Sequence[int], cat_max_ratio: float = 1.0,
                     flip_prob: float = 0.5,
                     margins: Sequence[int] = ()) -> dict[str, Any]:
-  """Resize → RandomCrop → RandomFlip → Pad of one example (§3.2; Normalize is on the device).
+  """Resize → RandomCrop → RandomFlip → Pad of one example (§3.2; Normalize: on the device).
 
   Args:
     image: uint8 ``[H, W, 3]`` RGB at original resolution.

@@ -7,12 +7,13 @@ resize. Images arrive as uint8 RGB and are normalised inside the jitted function
 (``ops.normalize_images``).
 
 ``evaluate`` runs prediction + confusion matrix as ONE jitted computation over a mesh
-(``MeshEvaluation``): every batch is padded with rows of image 0 / label 255 (never counted) to
-a fixed number of rows, ``config.data.eval_batch_size`` rounded up to a multiple of the mesh
-size, and sharded over the ``data`` axis; each device predicts its rows and counts its
-confusion matrix, which are summed over the devices (``psum``). A fixed row count keeps one
-compilation per image size, and the padding costs at most ``devices − 1`` wasted rows per
-batch. The variables are replicated. The accumulation over batches is ``metrics.Evaluator``'s.
+(``MeshEvaluation``) on a fixed number of rows: ``config.data.eval_batch_size`` rounded up to a
+multiple of the mesh size (so a device holds at most ``eval_batch_size`` images). Consecutive
+batches of one image size are regrouped to that many rows; a group left short (a size change,
+the end of the split) is padded with rows of image 0 / label 255, never counted. The rows are
+sharded over the ``data`` axis; each device predicts its rows and counts its confusion matrix,
+which are summed over the devices (``psum``). A fixed row count keeps one compilation per image
+size. The variables are replicated. The accumulation over batches is ``metrics.Evaluator``'s.
 In a multi-process run each process evaluates its own shard of the split on the mesh of its
 own devices (``parallel.local_mesh``), so processes with unequal shards never wait for each
 other inside a computation, and the per-process matrices are summed at the end.
@@ -21,7 +22,7 @@ other inside a computation, and the per-process matrices are summed at the end.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from absl import logging
 import jax
@@ -104,6 +105,28 @@ class MeshEvaluation:
     self._step = jax.jit(step, in_shardings=(self._repl, self._data, self._data),
                          out_shardings=(self._repl, self._data))
 
+  def regroup(self, batches: Iterable[dict[str, np.ndarray]]
+              ) -> Iterator[dict[str, np.ndarray]]:
+    """Consecutive batches of one image/label size stacked up to ``rows`` rows (a larger batch
+    passes alone), so that small eval batches fill every device."""
+    group, count = [], 0
+
+    def stacked():
+      return group[0] if len(group) == 1 else {
+          k: np.concatenate([np.asarray(g[k]) for g in group]) for k in ("image", "label")}
+
+    for batch in batches:
+      shapes = tuple(np.shape(batch[k])[1:] for k in ("image", "label"))
+      rows = np.shape(batch["label"])[0]
+      if group and (count + rows > self.rows or shapes != tuple(
+          np.shape(group[0][k])[1:] for k in ("image", "label"))):
+        yield stacked()
+        group, count = [], 0
+      group.append(batch)
+      count += rows
+    if group:
+      yield stacked()
+
   def place(self, variables: dict[str, Any]) -> dict[str, Any]:
     """``variables`` replicated on the mesh (no copy when they already are, e.g. the train
     state's in a single-process run; a multi-process state is read from its local copy)."""
@@ -161,7 +184,7 @@ def evaluate(config: ml_collections.ConfigDict, net, variables: dict[str, Any],
     if progress is not None:
       progress.update(min(evaluator.num_images, total))
 
-  report = evaluator.run(batches, on_batch=seen)
+  report = evaluator.run(mesh_eval.regroup(batches), on_batch=seen)
   if progress is not None:
     progress.close()
   if jax.process_count() > 1:  # each process evaluated its own shard of the split
