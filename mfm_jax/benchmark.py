@@ -69,15 +69,18 @@ _PEAK_TFLOPS = {
 
 
 def fake_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
-  """Random images and blocky random labels of the configured crop and global batch size."""
+  """Random uint8 images and blocky random labels of the configured crop and global batch size
+  (the input pipeline's format: images are normalised inside the step)."""
   rng = np.random.default_rng(seed)
   b, (h, w) = config.data.batch_size, config.data.crop_size
   k = config.model.num_classes
   blocks = rng.integers(0, k, (b, -(-h // 32), -(-w // 32)))
   lbl = blocks.repeat(32, 1).repeat(32, 2)[:, :h, :w].astype(np.int32)
-  return dict(source_image=rng.normal(size=(b, h, w, 3)).astype(np.float32), source_label=lbl,
-              target_image=rng.normal(size=(b, h, w, 3)).astype(np.float32),
-              target_valid=np.ones((b, h, w), np.float32),
+  size = np.tile(np.array([h, w], np.int32), (b, 1))
+  return dict(source_image=rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8),
+              source_size=size, source_label=lbl,
+              target_image=rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8),
+              target_size=size.copy(), target_valid=np.ones((b, h, w), np.float32),
               target_label=np.full((b, h, w), 255, np.int32))
 
 

@@ -12,6 +12,27 @@ import jax
 import jax.numpy as jnp
 
 from mfm_jax.data.labels import IGNORE_INDEX  # re-exported; defined JAX-free for the host data code
+from mfm_jax.data.transforms import MEAN
+from mfm_jax.data.transforms import STD
+
+
+def normalize_images(images: jax.Array, sizes: jax.Array | None = None) -> jax.Array:
+  """Normalize on the device: uint8 RGB ``[B, H, W, 3]`` → float32 ``(x − MEAN) / STD``.
+
+  The input pipeline ships uint8 images (4× fewer bytes to the device than float32) and every
+  consumer (train step, evaluation, prediction, benchmark) calls this at its start. ``sizes``
+  int32 ``[B, 2]`` are each image's ``(h, w)`` before the pipeline padded it at the bottom/right
+  (mmseg Pad after Normalize): pixels outside are 0, i.e. the mean colour, as the reference.
+  """
+  if images.dtype != jnp.uint8:
+    raise TypeError(f"normalize_images expects uint8 RGB images, got {images.dtype}.")
+  x = (images.astype(jnp.float32) - jnp.asarray(MEAN)) / jnp.asarray(STD)
+  if sizes is not None:
+    h, w = images.shape[1:3]
+    rows = jnp.arange(h)[None, :, None] < sizes[:, 0, None, None]
+    cols = jnp.arange(w)[None, None, :] < sizes[:, 1, None, None]
+    x = jnp.where((rows & cols)[..., None], x, 0.0)
+  return x
 
 
 def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:

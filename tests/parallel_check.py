@@ -37,10 +37,12 @@ def fake_batch(c, seed=0):
   rng = np.random.default_rng(seed)
   b, (h, w) = c.data.batch_size, c.data.crop_size
   lbl = rng.integers(0, 6, (b, h // 8, w // 8)).repeat(8, 1).repeat(8, 2)  # blocky classes
+  size = np.tile(np.array([h, w], np.int32), (b, 1))
+  size[0] = (h - 3, w - 5)  # one padded image: the pad is zeroed after normalisation
   return dict(
-      source_image=rng.normal(size=(b, h, w, 3)).astype(np.float32),
+      source_image=rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8), source_size=size,
       source_label=np.where(rng.random((b, h, w)) < 0.05, 255, lbl).astype(np.int32),
-      target_image=rng.normal(size=(b, h, w, 3)).astype(np.float32),
+      target_image=rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8), target_size=size[::-1],
       target_valid=np.ones((b, h, w), np.float32),
       target_label=np.full((b, h, w), 255, np.int32))
 

@@ -157,3 +157,70 @@ def test_evaluator_accumulates_over_batches():
     evaluator.run([{"image": batches[0]["image"]}])
   with pytest.raises(ValueError, match="class names"):
     ev.Evaluator(predict, 5, labels.CLASSES)
+
+
+class _PixelNet:
+  """Fake network: logits = per-pixel linear map of the normalised image (19 classes)."""
+
+  def predict(self, variables, x, train=False):
+    del train
+    return jnp.einsum("bhwc,ck->bhwk", x, variables["w"]) + variables["b"], None, None
+
+
+def test_mesh_evaluation_equals_a_numpy_reference():
+  """inference.evaluate (prediction + confusion matrix jitted over 4 devices, batches regrouped
+  to 4 rows or padded) gives the report of the one-device prediction counted in numpy."""
+  from mfm_jax.config import fragments  # pylint: disable=g-import-not-at-top
+  from mfm_jax.evaluation import inference
+  from mfm_jax.trainer import parallel
+  k = 19
+  config = fragments.compose(fragments.source_only, presets="synthetic")
+  config.data.eval_batch_size = 3  # → 4 rows on 4 devices: every full batch has a padding row
+  rng = np.random.default_rng(0)
+  variables = {"w": rng.normal(size=(3, k)).astype(np.float32),
+               "b": rng.normal(size=(k,)).astype(np.float32)}
+  batches = []
+  # Rows per call: 1+1+2 (regrouped, no padding) | 3 | 2 | 1 (another size), padded to 4.
+  for b, size in ((1, (12, 16)), (1, (12, 16)), (2, (12, 16)), (3, (12, 16)), (2, (12, 16)),
+                  (1, (10, 14))):
+    label = rng.integers(0, k, (b, 2 * size[0], 2 * size[1])).astype(np.int32)
+    label[:, :2] = 255
+    batches.append({"image": rng.integers(0, 256, (b, *size, 3), dtype=np.uint8),
+                    "label": label})
+  mesh = parallel.make_mesh(4)
+  mesh_eval = inference.MeshEvaluation(config, _PixelNet(), mesh)
+  assert mesh_eval.rows == 4
+  seen = []
+  report = inference.evaluate(config, _PixelNet(), variables, batches, mesh_eval,
+                              on_batch=lambda batch, pred: seen.append(np.asarray(pred)),
+                              show_progress=False)
+  assert [len(p) for p in seen] == [4, 3, 2, 1]
+  seen = [p for group in seen for p in group]
+  predict = inference.make_predict_fn(config, _PixelNet())
+  conf = np.zeros((k, k), np.int64)
+  refs = []
+  for batch in batches:
+    ref = np.asarray(predict(variables, batch["image"], batch["label"].shape[1:]))
+    refs.extend(ref)
+    keep = batch["label"] != 255
+    conf += np.bincount(batch["label"][keep] * k + ref[keep], minlength=k * k).reshape(k, k)
+  expected = ev.miou_report(conf)
+  for pred, ref in zip(seen, refs, strict=True):
+    np.testing.assert_array_equal(pred, ref)
+  expected["num_images"] = 10
+  assert report == expected
+  assert report["num_pixels"] == sum(int((b["label"] != 255).sum()) for b in batches)
+
+
+def test_evaluator_flushes_device_counts_before_int32_could_overflow(monkeypatch):
+  """With a (patched) tiny int32 limit the device counts are added to the int64 total every
+  batch; the total is the same."""
+  k = 5
+  rng = np.random.default_rng(1)
+  batches = [{"image": rng.integers(0, k, (2, 4, 6)), "label": rng.integers(0, k, (2, 4, 6))}
+             for _ in range(3)]
+  reference = ev.Evaluator(lambda x: jnp.asarray(x), k, labels.CLASSES[:k]).run(batches)
+  monkeypatch.setattr(ev, "_INT32_MAX", 60)  # 48 label pixels per batch: flush every batch
+  evaluator = ev.Evaluator(lambda x: jnp.asarray(x), k, labels.CLASSES[:k])
+  assert evaluator.run(batches) == reference
+  assert evaluator.confusion.sum() == 3 * 48

@@ -286,7 +286,7 @@ def test_batched_evaluation_predicts_each_image_as_alone(tiny):
   config = _config()
   config.eval.mode, config.eval.crop_size, config.eval.stride = "slide", (48, 48), (32, 32)
   predict = inference.make_predict_fn(config, net)
-  x, _ = _images(5, b=3, size=80)
+  x = np.random.default_rng(5).integers(0, 256, (3, 80, 80, 3), dtype=np.uint8)  # pipeline's
   batched = np.asarray(predict(variables, x, (100, 100)))
   single = np.concatenate([np.asarray(predict(variables, x[i:i + 1], (100, 100)))
                            for i in range(3)])

@@ -34,9 +34,11 @@ def _trace(c):
   tx = state_lib.build_optimizer(c, net, task)
   state = state_lib.abstract_train_state(c, net, task, tx)
   b, (h, w) = c.data.batch_size, c.data.crop_size
-  batch = dict(source_image=jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32),
+  batch = dict(source_image=jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8),
+               source_size=jax.ShapeDtypeStruct((b, 2), jnp.int32),
                source_label=jax.ShapeDtypeStruct((b, h, w), jnp.int32),
-               target_image=jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32),
+               target_image=jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8),
+               target_size=jax.ShapeDtypeStruct((b, 2), jnp.int32),
                target_valid=jax.ShapeDtypeStruct((b, h, w), jnp.float32),
                target_label=jax.ShapeDtypeStruct((b, h, w), jnp.int32))
   new_state, metrics = jax.eval_shape(make_update_fn(c, net, task, tx), state, batch)

@@ -122,8 +122,9 @@ def test_train_batches_shapes_values_and_determinism(data_dir):
   cfg = data_config(data_dir, pseudo_margins=(2, 8, 2, 2))
   batches = _take(pipeline.make_train_iterator(cfg, seed=3), 3)
   b = batches[0]
-  assert b["source_image"].shape == (4, 24, 24, 3) and b["source_image"].dtype == np.float32
-  assert b["target_image"].shape == (4, 24, 24, 3) and b["target_image"].dtype == np.float32
+  for d in ("source", "target"):
+    assert b[f"{d}_image"].shape == (4, 24, 24, 3) and b[f"{d}_image"].dtype == np.uint8
+    assert b[f"{d}_size"].dtype == np.int32 and (b[f"{d}_size"] == 24).all()  # no padding
   for key in ("source_label", "target_label"):
     assert b[key].shape == (4, 24, 24) and b[key].dtype == np.int32
     assert set(np.unique(b[key])) <= {0, 1, 2, 8, 10, 13, RARE, 255}
@@ -135,6 +136,37 @@ def test_train_batches_shapes_values_and_determinism(data_dir):
   no_margin = next(pipeline.make_train_iterator(data_config(data_dir), seed=3))
   assert (no_margin["target_valid"] == 1).all()
   np.testing.assert_array_equal(no_margin["target_image"], b["target_image"])
+
+
+# Weighted and plain float64 sums of the float32 images the pipeline yielded when it normalised
+# on the host (commit 40ab4c1), for the first batch of the config below and the first eval image.
+_HOST_NORMALISED = {"source_image": (1725.6089205654707, 3608.111395167187),
+                    "target_image": (1652.2647794450854, 3301.310410078615),
+                    "image": (610.1396229444085, 1240.4061532877386)}
+
+
+def _sums(x):
+  x = np.asarray(x, np.float64)
+  return float((x * np.random.default_rng(0).random(x.shape)).sum()), float(x.sum())
+
+
+def test_device_normalisation_gives_the_images_of_host_normalisation(data_dir):
+  """uint8 batches normalised on the device (ops.normalize_images, padding included: the 40²
+  crop pads every image) equal the float images the host pipeline made before: same crops,
+  flips and pad, values up to float rounding."""
+  from mfm_jax import ops  # pylint: disable=g-import-not-at-top
+  cfg = data_config(data_dir, crop_size=(40, 40), pseudo_margins=(2, 8, 2, 2))
+  it = pipeline.make_train_iterator(cfg, seed=3)
+  b = next(it)
+  it.close()
+  assert (b["source_size"] == [35, 40]).all() and (b["target_size"] == [32, 40]).all()
+  for d in ("source", "target"):
+    x = ops.normalize_images(b[f"{d}_image"], b[f"{d}_size"])
+    assert x.dtype == np.float32
+    np.testing.assert_allclose(_sums(x), _HOST_NORMALISED[f"{d}_image"], rtol=0, atol=1e-3)
+  ev = next(iter(pipeline.make_eval_dataset(cfg)))
+  np.testing.assert_allclose(_sums(ops.normalize_images(ev["image"])),
+                             _HOST_NORMALISED["image"], rtol=0, atol=1e-3)
 
 
 def test_rcs_oversamples_the_rare_class(data_dir):
@@ -223,7 +255,7 @@ def test_eval_dataset_resizes_images_keeps_labels_and_shards(data_dir):
   items = list(pipeline.make_eval_dataset(cfg))
   assert len(items) == 3
   for x in items:
-    assert x["image"].shape == (1, 32, 64, 3) and x["image"].dtype == np.float32
+    assert x["image"].shape == (1, 32, 64, 3) and x["image"].dtype == np.uint8
     assert x["label"].shape == (1, 48, 96) and x["label"].dtype == np.int32
   shards = [list(pipeline.make_eval_dataset(cfg, process_index=p, process_count=2))
             for p in range(2)]

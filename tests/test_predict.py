@@ -19,6 +19,7 @@ from mfm_jax import predict
 from mfm_jax.config import fragments
 from mfm_jax.convert import cli
 from mfm_jax.data import labels
+from mfm_jax.data import transforms
 from mfm_jax.evaluation import inference
 from mfm_jax.trainer import loop
 from mfm_jax.trainer import state as state_lib
@@ -172,10 +173,11 @@ class _StrideHost:
 def test_padding_to_the_window_grid_is_cropped_back():
   config = fragments.compose(fragments.source_only, presets="synthetic")
   config.model.num_classes = 3
-  x = np.random.default_rng(0).normal(size=(2, 61, 97, 3)).astype(np.float32)
+  x = np.random.default_rng(0).integers(0, 256, (2, 61, 97, 3), dtype=np.uint8)
   pred = np.asarray(inference.make_predict_fn(config, _StrideHost(), pad_multiple=32)(
       {}, x, (61, 97)))
-  np.testing.assert_array_equal(pred, np.argmax(np.stack([x[..., 0], x[..., 1], -x[..., 0]],
+  z = (x.astype(np.float32) - transforms.MEAN) / transforms.STD  # what the network sees
+  np.testing.assert_array_equal(pred, np.argmax(np.stack([z[..., 0], z[..., 1], -z[..., 0]],
                                                          -1), -1))
   with pytest.raises(ValueError, match="not aligned"):
     inference.make_predict_fn(config, _StrideHost())({}, x, (61, 97))
@@ -190,6 +192,6 @@ def test_hrda_odd_image_size():
   abstract = {"params": shapes["params"]["model"], "batch_stats": shapes["batch_stats"]}
   v = jax.tree.map(lambda s: np.abs(rng.normal(size=s.shape)).astype(np.float32) * 0.1, abstract)
   fn = inference.make_predict_fn(config, net, pad_multiple=predict.HRDA_PAD_MULTIPLE)
-  x = rng.normal(size=(1, 61, 97, 3)).astype(np.float32)
+  x = rng.integers(0, 256, (1, 61, 97, 3), dtype=np.uint8)
   pred = np.asarray(fn(v, x, (61, 97)))
   assert pred.shape == (1, 61, 97) and 0 <= pred.min() and pred.max() < 19

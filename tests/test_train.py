@@ -163,7 +163,8 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, data_dir, monkeypa
   make = pipeline.make_train_iterator
 
   class Poisoned:
-    """Yields NaN source images from the 3rd batch on (same compiled step, bad data)."""
+    """Yields a NaN target valid mask from the 3rd batch on (same compiled step, bad data;
+    images are uint8 and cannot hold a NaN)."""
 
     def __init__(self, it):
       self.it, self.n = it, 0
@@ -172,7 +173,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, data_dir, monkeypa
       batch = dict(next(self.it))
       self.n += 1
       if self.n >= 3:
-        batch["source_image"] = np.full_like(batch["source_image"], np.nan)
+        batch["target_valid"] = np.full_like(batch["target_valid"], np.nan)
       return batch
 
     def get_state(self):
@@ -411,3 +412,35 @@ def test_deeplabv2_mfm_trains_through_the_loop(tmp_path, data_dir):
   # maps back to the ResNet's last-stage width.
   assert not any(k.startswith("projector") for k in proj), sorted(proj)
   assert np.shape(proj["norm"]["scale"]) == (segmentor.feature_channels(c.model)[-1],)
+
+
+def test_step_on_uint8_images_equals_the_step_on_host_normalised_images(data_dir, monkeypatch):
+  """The step normalises the pipeline's uint8 images itself (padding zeroed); the losses equal
+  those of the same step fed the float images the host pipeline made before (Normalize → Pad
+  on the host), up to float rounding."""
+  from mfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mfm_jax.data import transforms
+  from mfm_jax.trainer import parallel
+  from mfm_jax.trainer import state as state_lib
+  c = small_config(**{"data.data_dir": data_dir})
+  net, task = state_lib.build_network(c), state_lib.build_mfm_task(c)
+  tx = state_lib.build_optimizer(c, net, task)
+  state = state_lib.create_train_state(c, net, task, tx,
+                                       parallel.replicated(parallel.make_mesh(1)))
+  it = pipeline.make_train_iterator(c.data, seed=c.seed)
+  batch = next(it)
+  it.close()
+  batch["source_size"][0] = (29, 27)  # as a padded image: the pad is zeroed after Normalize
+  host = dict(batch)
+  for d in ("source", "target"):
+    x = (batch[f"{d}_image"].astype(np.float32) - transforms.MEAN) / transforms.STD
+    for i, (h, w) in enumerate(batch[f"{d}_size"]):
+      x[i, h:], x[i, :, w:] = 0.0, 0.0
+    host[f"{d}_image"] = x
+  _, on_device = jax.jit(step_lib.make_update_fn(c, net, task, tx))(state, batch)
+  monkeypatch.setattr(step_lib.ops, "normalize_images", lambda images, sizes=None: images)
+  _, on_host = jax.jit(step_lib.make_update_fn(c, net, task, tx))(state, host)
+  losses = [k for k in on_device if k.startswith("loss/")]
+  assert len(losses) >= 4, losses  # source, ClassMix, MIC, MFM terms and the total
+  for k in losses:
+    assert float(on_device[k]) == pytest.approx(float(on_host[k]), rel=1e-5, abs=1e-5), k

@@ -132,12 +132,20 @@ def test_cat_max_ratio_gives_up_after_ten_redraws():
   assert window == [T.crop_window(30, 30, (10, 10), rng) for _ in range(11)][-1]
 
 
-def test_flip_normalize_pad():
+def _host_normalize(image):
+  """The host Normalize the pipeline ran before it moved to the device (the reference's)."""
+  return (image.astype(np.float32) - T.MEAN) / T.STD
+
+
+def test_flip_pad_and_device_normalize():
   image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
   np.testing.assert_array_equal(T.hflip(image)[:, 0], image[:, 2])
-  norm = T.normalize(np.array([[[123.675 + 58.395, 116.28, 103.53 - 57.375]]]))
-  np.testing.assert_allclose(norm, [[[1.0, 0.0, -1.0]]], atol=1e-6)
+  norm = ops.normalize_images(np.array([[[[182, 116, 46]]]], np.uint8))
+  np.testing.assert_allclose(norm[0, 0, 0], (np.array([182, 116, 46]) - T.MEAN) / T.STD,
+                             atol=1e-6)
   assert norm.dtype == np.float32
+  with pytest.raises(TypeError, match="uint8"):
+    ops.normalize_images(np.zeros((1, 2, 2, 3), np.float32))
   padded = T.pad_to(np.ones((2, 3), np.int32), (4, 5), 255)
   assert padded.shape == (4, 5) and (padded[:2, :3] == 1).all()
   assert (padded[2:] == 255).all() and (padded[:, 3:] == 255).all()
@@ -151,13 +159,20 @@ def test_train_transform_pads_small_images():
   label = rng.integers(0, 19, (20, 30), dtype=np.uint8)
   out = T.train_transform(image, label, rng, scale=(30, 20), crop_size=(24, 32),
                           margins=(0, 0, 0, 0), flip_prob=0.0)
-  assert out["image"].shape == (24, 32, 3) and out["image"].dtype == np.float32
+  assert out["image"].shape == (24, 32, 3) and out["image"].dtype == np.uint8
   assert out["label"].dtype == np.int32 and out["valid"].dtype == np.float32
+  assert out["size"].tolist() == [20, 30] and out["size"].dtype == np.int32
   assert (out["image"][20:] == 0).all() and (out["image"][:, 30:] == 0).all()
   assert (out["label"][20:] == 255).all() and (out["label"][:, 30:] == 255).all()
   assert (out["valid"][:20, :30] == 1).all() and (out["valid"][20:] == 0).all()
   np.testing.assert_array_equal(out["label"][:20, :30], label)
-  np.testing.assert_allclose(out["image"][:20, :30], T.normalize(image), atol=1e-6)
+  np.testing.assert_array_equal(out["image"][:20, :30], image)
+  # On the device: the host's Normalize → Pad of before (pad = 0 = the mean colour), up to
+  # float rounding (XLA may divide by STD as a multiplication by 1 / STD: ≤ 1 ulp).
+  x = np.asarray(ops.normalize_images(out["image"][None], out["size"][None]))[0]
+  expected = T.pad_to(_host_normalize(image), (24, 32), 0.0)
+  np.testing.assert_allclose(x, expected, rtol=1e-6, atol=1e-6)
+  assert (x[20:] == 0).all() and (x[:, 30:] == 0).all()
 
 
 @pytest.mark.parametrize("flip", [False, True])
@@ -208,8 +223,7 @@ def test_train_transform_without_margins_gives_ones_and_checks_shapes():
     T.valid_pseudo_mask(10, 10, (1, 2, 3))
 
 
-def test_eval_transform_resizes_keep_ratio_and_normalises():
+def test_eval_transform_resizes_keep_ratio_to_uint8():
   image = np.full((1024, 2048, 3), 128, np.uint8)
   out = T.eval_transform(image, (1024, 512))
-  assert out.shape == (512, 1024, 3) and out.dtype == np.float32
-  np.testing.assert_allclose(out[0, 0], (128 - T.MEAN) / T.STD, atol=1e-6)
+  assert out.shape == (512, 1024, 3) and out.dtype == np.uint8 and (out == 128).all()

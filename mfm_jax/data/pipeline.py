@@ -5,9 +5,12 @@ source and ``B`` target examples with global indices ``g = s·B + j``. Example `
 its randomness from ``np.random.default_rng([seed, g, domain])``:
 
 * source: a file by Rare Class Sampling (class c ~ P, file with > min_pixels of c) or uniformly;
-  Resize → RandomCrop(cat_max_ratio) → Flip → Normalize → Pad, re-run up to 10 times (RCS)
+  Resize → RandomCrop(cat_max_ratio) → Flip → Pad, re-run up to 10 times (RCS)
   until the crop has > min_pixels·min_crop_ratio pixels of c;
 * target: a uniform file; the same steps without cat_max_ratio, plus the plcrop v2 valid mask.
+
+Images stay uint8 RGB: Normalize runs on the device (``mfm_jax.ops.normalize_images``, at the
+start of the train step and of evaluation), so a batch moves 4× fewer image bytes to it.
 
 Process ``p`` of ``P`` builds only its rows ``[p·b, (p+1)·b)`` (b = B / P) of every global
 batch, so the stream does not depend on the process count, and grain's ``mp_prefetch``
@@ -153,8 +156,10 @@ class _BatchMaker:
             for g in range(first, first + self.local_batch)]
     return {
         "source_image": np.stack([s["image"] for s, _ in rows]),
+        "source_size": np.stack([s["size"] for s, _ in rows]),
         "source_label": np.stack([s["label"] for s, _ in rows]),
         "target_image": np.stack([t["image"] for _, t in rows]),
+        "target_size": np.stack([t["size"] for _, t in rows]),
         "target_valid": np.stack([t["valid"] for _, t in rows]),
         "target_label": np.stack([t["label"] for _, t in rows]),
     }
@@ -241,8 +246,10 @@ def make_train_iterator(data_cfg, *, seed: int, process_index: int = 0, process_
   """Per-process UDA training batches (see the module docstring).
 
   Yields dicts of numpy with ``b = data_cfg.batch_size // process_count`` rows:
-  ``source_image`` f32 [b,H,W,3], ``source_label`` i32 [b,H,W], ``target_image`` f32,
-  ``target_valid`` f32 [b,H,W] (plcrop v2 mask; ones without ``pseudo_margins``),
+  ``source_image`` uint8 RGB [b,H,W,3] (not normalised), ``source_size`` i32 [b,2] (each
+  image's (h, w) before the pad), ``source_label`` i32 [b,H,W], ``target_image`` uint8,
+  ``target_size`` i32, ``target_valid`` f32 [b,H,W] (plcrop v2 mask; ones without
+  ``pseudo_margins``),
   ``target_label`` i32 (255 where the target has no labels). ``num_steps=None``: endless.
   """
   batch = int(data_cfg.batch_size)
@@ -277,7 +284,7 @@ def make_train_iterator(data_cfg, *, seed: int, process_index: int = 0, process_
 
 
 class EvalDataset:
-  """Iterable (re-iterable) of ``{'image' f32 [b,h,w,3], 'label' i32 [b,H0,W0]}``.
+  """Iterable (re-iterable) of ``{'image' uint8 RGB [b,h,w,3], 'label' i32 [b,H0,W0]}``.
 
   Consecutive images of the same size are stacked up to ``batch_size`` (Cityscapes val is one
   size throughout); a size change or the end of the split closes a batch early, so every image

@@ -2,7 +2,10 @@
 
 The reference (mmseg 0.16 / mmcv 1.3.7) runs Resize (keep ratio) → RandomCrop (cat_max_ratio)
 → RandomFlip → Normalize → Pad on every image. The same steps are implemented here in numpy so
-they can run in grain worker processes without JAX. Randomness always comes from an explicit
+they can run in grain worker processes without JAX, except Normalize: images leave the host as
+uint8 (4× fewer bytes to the device) and are normalised on the device with ``MEAN`` / ``STD``
+by ``mfm_jax.ops.normalize_images``, which also zeroes the padding (= Pad after Normalize; the
+unpadded size travels with the image). Randomness always comes from an explicit
 ``np.random.Generator``.
 
 Resizing follows cv2 (what mmcv ``imrescale`` calls): bilinear images use the half-pixel rule of
@@ -25,7 +28,8 @@ import numpy as np
 
 from mfm_jax.data import labels
 
-# Normalize (RGB): mean/std of the reference's img_norm_cfg (uda_reference.md §3.2).
+# Normalize (RGB): mean/std of the reference's img_norm_cfg (uda_reference.md §3.2), applied on
+# the device (mfm_jax.ops.normalize_images).
 MEAN = np.array([123.675, 116.28, 103.53], np.float32)
 STD = np.array([58.395, 57.12, 57.375], np.float32)
 CAT_MAX_RETRIES = 10  # mmseg RandomCrop: up to 10 re-draws
@@ -146,11 +150,6 @@ def hflip(array: np.ndarray) -> np.ndarray:
   return array[:, ::-1]
 
 
-def normalize(image: np.ndarray) -> np.ndarray:
-  """``(image − mean) / std`` per RGB channel, float32."""
-  return (image.astype(np.float32) - MEAN) / STD
-
-
 def pad_to(array: np.ndarray, size: Sequence[int], value: float) -> np.ndarray:
   """Pads H, W at the bottom/right up to ``size`` with ``value`` (mmseg Pad)."""
   h, w = array.shape[:2]
@@ -182,7 +181,7 @@ def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generat
                     scale: Sequence[int], crop_size: Sequence[int], cat_max_ratio: float = 1.0,
                     flip_prob: float = 0.5,
                     margins: Sequence[int] = ()) -> dict[str, Any]:
-  """Resize → RandomCrop → RandomFlip → Normalize → Pad of one example (§3.2).
+  """Resize → RandomCrop → RandomFlip → Pad of one example (§3.2; Normalize: on the device).
 
   Args:
     image: uint8 ``[H, W, 3]`` RGB at original resolution.
@@ -195,8 +194,10 @@ def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generat
     margins: plcrop v2 ``(top, bottom, left, right)`` at the original size, or () (no mask).
 
   Returns:
-    ``image`` f32 ``[ch, cw, 3]`` normalised (pad 0), ``label`` i32 ``[ch, cw]`` (pad 255),
-    ``valid`` f32 ``[ch, cw]`` (pad 0; all ones when ``margins`` is empty).
+    ``image`` uint8 RGB ``[ch, cw, 3]`` (pad 0), ``size`` int32 ``[2]`` = its ``(h, w)`` before
+    the pad (``ops.normalize_images`` sets the pad to the normalised 0), ``label`` i32
+    ``[ch, cw]`` (pad 255), ``valid`` f32 ``[ch, cw]`` (pad 0; all ones when ``margins`` is
+    empty).
   """
   if image.shape[:2] != label.shape[:2]:
     raise ValueError(f"Image {image.shape} and label {label.shape} sizes differ.")
@@ -215,7 +216,8 @@ def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generat
   if flip:
     img, lab = hflip(img), hflip(lab)
     valid = None if valid is None else hflip(valid)
-  out = {"image": pad_to(normalize(img), crop_size, 0.0),
+  out = {"image": pad_to(img, crop_size, 0),
+         "size": np.asarray(img.shape[:2], np.int32),
          "label": pad_to(lab.astype(np.int32), crop_size, labels.IGNORE_INDEX)}
   if valid is None:
     out["valid"] = np.ones(tuple(crop_size), np.float32)
@@ -225,6 +227,7 @@ def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generat
 
 
 def eval_transform(image: np.ndarray, scale: Sequence[int]) -> np.ndarray:
-  """Test pipeline (§3.3): keep-ratio resize to ``scale`` and Normalize; f32 ``[h, w, 3]``."""
+  """Test pipeline (§3.3): keep-ratio resize to ``scale``; uint8 ``[h, w, 3]`` (Normalize is
+  ``ops.normalize_images``, on the device)."""
   size = keep_ratio_size(image.shape[0], image.shape[1], scale)
-  return normalize(resize_bilinear(image, size))
+  return resize_bilinear(image, size)

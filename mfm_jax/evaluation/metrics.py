@@ -120,44 +120,94 @@ def format_report(report: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
+_INT32_MAX = 2**31 - 1
+
+
 class Evaluator:
-  """Accumulates a confusion matrix over batches and returns ``miou_report``.
+  """Accumulates a confusion matrix over ``{'image', 'label'}`` batches → ``miou_report``.
+
+  The one accumulation loop of the package: ``inference.evaluate`` runs it with the jitted
+  mesh computation of ``inference.MeshEvaluation`` as ``count_fn``.
 
   Args:
     predict_fn: ``image [B, H, W, 3] -> int prediction [B, h, w]`` at the label size (e.g. a
-      jitted argmax of ``whole_inference``/``slide_inference``).
+      jitted argmax of ``whole_inference``/``slide_inference``); counted with the jitted
+      ``confusion_matrix``. Not needed with ``count_fn``.
     num_classes: K.
     class_names: names for the report rows.
+    count_fn: ``(image, label) -> (int32 [K, K] counts, prediction)`` of one batch, e.g.
+      prediction and confusion matrix in one device computation.
 
-  Padding examples (e.g. to fill the last batch) must carry label 255 everywhere.
+  Counts stay on the device (int32) between batches and are added to the int64 host total
+  (``confusion``) before they could overflow (at most 2^31 − 1 label pixels pending), so the
+  loop does not wait for the device after every batch. Padding examples (e.g. to fill the
+  last batch) must carry label 255 everywhere.
   """
 
-  def __init__(self, predict_fn: Callable[[Any], Any], num_classes: int = NUM_CLASSES,
-               class_names: Sequence[str] = CLASSES):
+  def __init__(self, predict_fn: Callable[[Any], Any] | None = None,
+               num_classes: int = NUM_CLASSES, class_names: Sequence[str] = CLASSES, *,
+               count_fn: Callable[[Any, Any], tuple[Any, Any]] | None = None):
     if len(class_names) != num_classes:
       raise ValueError(f"Evaluator: {len(class_names)} class names for {num_classes} classes")
+    if (predict_fn is None) == (count_fn is None):
+      raise ValueError("Evaluator: give exactly one of predict_fn and count_fn")
     self.predict_fn = predict_fn
+    self.count_fn = count_fn or self._predict_and_count
     self.num_classes = num_classes
     self.class_names = tuple(class_names)
-    self.confusion = np.zeros((num_classes, num_classes), np.int64)
+    self.reset()
 
-  def run(self, batches: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Evaluates every ``{'image', 'label'}`` batch; the summed matrix stays in ``confusion``."""
-    conf = np.zeros((self.num_classes, self.num_classes), np.int64)
-    num_images = 0
-    for i, batch in enumerate(batches):
-      if "image" not in batch or "label" not in batch:
-        raise KeyError(f"Evaluator: batch {i} needs keys 'image' and 'label', has {sorted(batch)}")
-      label = np.asarray(batch["label"])
-      pred = self.predict_fn(batch["image"])
-      if tuple(pred.shape) != label.shape:
-        raise ValueError(f"Evaluator: predict_fn returned shape {tuple(pred.shape)} for batch {i} "
-                         f"but the labels have shape {label.shape} (predict at label size)")
-      # Per-batch counts fit int32; the running sum is int64 on the host.
-      conf += np.asarray(_confusion_jit(pred, label, num_classes=self.num_classes), np.int64)
-      num_images += label.shape[0]
-    self.confusion = conf
-    report = miou_report(conf, self.class_names)
-    report["num_images"] = num_images
+  def reset(self) -> None:
+    self.confusion = np.zeros((self.num_classes, self.num_classes), np.int64)
+    self.num_images = 0
+    self._pending, self._pending_pixels = None, 0
+
+  def _predict_and_count(self, image: Any, label: Any) -> tuple[Any, Any]:
+    pred = self.predict_fn(image)
+    if tuple(pred.shape) != tuple(label.shape):
+      raise ValueError(f"Evaluator: predict_fn returned shape {tuple(pred.shape)} but the labels "
+                       f"have shape {tuple(label.shape)} (predict at label size)")
+    return _confusion_jit(pred, label, num_classes=self.num_classes), pred
+
+  def _flush(self) -> None:
+    if self._pending is not None:
+      self.confusion += np.asarray(jax.device_get(self._pending), np.int64)
+    self._pending, self._pending_pixels = None, 0
+
+  def add(self, batch: Mapping[str, Any], index: int = 0) -> Any:
+    """Counts one batch (``index`` names it in errors); returns its prediction."""
+    if "image" not in batch or "label" not in batch:
+      raise KeyError(f"Evaluator: batch {index} needs keys 'image' and 'label', has "
+                     f"{sorted(batch)}")
+    label = batch["label"]
+    pixels = math.prod(label.shape)
+    if pixels > _INT32_MAX:
+      raise ValueError(f"Evaluator: batch {index} has {pixels} label pixels; int32 counts hold "
+                       f"{_INT32_MAX}. Use smaller batches.")
+    try:
+      counts, pred = self.count_fn(batch["image"], label)
+    except ValueError as e:
+      raise ValueError(f"batch {index}: {e}") from e
+    if self._pending_pixels + pixels > _INT32_MAX:
+      self._flush()
+    self._pending = counts if self._pending is None else self._pending + counts
+    self._pending_pixels += pixels
+    self.num_images += label.shape[0]
+    return pred
+
+  def report(self) -> dict[str, Any]:
+    """``miou_report`` of everything counted (``confusion`` is then the int64 total)."""
+    self._flush()
+    report = miou_report(self.confusion, self.class_names)
+    report["num_images"] = self.num_images
     return report
 
+  def run(self, batches: Iterable[Mapping[str, Any]],
+          on_batch: Callable[[Mapping[str, Any], Any], Any] | None = None) -> dict[str, Any]:
+    """Evaluates every batch from zero; ``on_batch(batch, prediction)`` sees each one."""
+    self.reset()
+    for i, batch in enumerate(batches):
+      pred = self.add(batch, i)
+      if on_batch is not None:
+        on_batch(batch, pred)
+    return self.report()

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from mfm_jax.data import labels as labels_lib
-from mfm_jax.data import transforms
 
 # Train id → RGB, the Cityscapes palette; 255 (ignore) and anything unknown are black.
 _LUT = np.zeros((256, 3), np.uint8)
@@ -33,12 +32,6 @@ def overlay(image: np.ndarray, color: np.ndarray, alpha: float = 0.5) -> np.ndar
     raise ValueError(f"overlay: image {image.shape} and colours {color.shape} differ in size")
   mixed = (1.0 - alpha) * image.astype(np.float32) + alpha * color.astype(np.float32)
   return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
-
-
-def denormalize(image: np.ndarray) -> np.ndarray:
-  """Inverse of the pipeline's Normalize: float ``[H, W, 3]`` → uint8 RGB."""
-  rgb = np.asarray(image, np.float32) * transforms.STD + transforms.MEAN
-  return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
 def resize(image: np.ndarray, size: Sequence[int], *, nearest: bool = False) -> np.ndarray:
@@ -69,11 +62,11 @@ def panel(images: Sequence[np.ndarray], gap: int = 2) -> np.ndarray:
 def validation_panel(image: np.ndarray, pred: np.ndarray, label: np.ndarray) -> np.ndarray:
   """Evaluation sample → ``image | prediction | ground truth`` at the label's size.
 
-  ``image`` is the normalised network input (test scale), ``pred`` and ``label`` are train ids
-  at the label size.
+  ``image`` is the uint8 RGB network input (test scale, before the device's Normalize),
+  ``pred`` and ``label`` are train ids at the label size.
   """
   size = label.shape[:2]
-  rgb = resize(denormalize(image), size)
+  rgb = resize(np.asarray(image, np.uint8), size)
   return panel([rgb, colorize(pred), colorize(label)])
 
 

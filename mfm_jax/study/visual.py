@@ -16,7 +16,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from mfm_jax.data import labels as labels_lib
-from mfm_jax.data import transforms
 
 
 def colourise(label: np.ndarray) -> np.ndarray:
@@ -24,11 +23,6 @@ def colourise(label: np.ndarray) -> np.ndarray:
   lut = np.zeros((256, 3), np.uint8)
   lut[:len(labels_lib.PALETTE)] = np.asarray(labels_lib.PALETTE, np.uint8)
   return lut[np.asarray(label).astype(np.uint8)]
-
-
-def denormalise(image: np.ndarray) -> np.ndarray:
-  """A normalised ``[H, W, 3]`` test image back to uint8 RGB."""
-  return np.clip(np.rint(image * transforms.STD + transforms.MEAN), 0, 255).astype(np.uint8)
 
 
 def _tuples(obj: Any) -> Any:
@@ -75,7 +69,7 @@ def predict_images(rdirs: Sequence[str], num_images: int = 4
       pred = predict(variables, jnp.asarray(batch["image"]), tuple(label.shape[1:3]))
       run_preds.append(np.asarray(pred)[0])
       if i == 0:
-        images.append(denormalise(np.asarray(batch["image"])[0]))
+        images.append(np.asarray(batch["image"])[0])  # uint8 RGB at the test scale
         gts.append(label[0])
     if i and len(run_preds) != len(gts):
       raise ValueError(f"{rdir} evaluates {len(run_preds)} images, {rdirs[0]} {len(gts)}.")

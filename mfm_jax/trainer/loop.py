@@ -78,14 +78,16 @@ def _memory_figures() -> dict[str, float]:
 
 
 class _SampleKeeper:
-  """``inference.evaluate`` hook keeping the first ``n`` (image, prediction, label) triples."""
+  """``inference.evaluate`` hook keeping the first ``n`` (image, prediction, label) triples
+  (only those predictions are read back from the device)."""
 
   def __init__(self, n: int):
     self.n, self.samples = n, []
 
-  def __call__(self, batch: dict[str, Any], pred: np.ndarray) -> None:
+  def __call__(self, batch: dict[str, Any], pred: jax.Array) -> None:
     for i in range(min(self.n - len(self.samples), pred.shape[0])):
-      self.samples.append((np.asarray(batch["image"][i]), pred[i], np.asarray(batch["label"][i])))
+      self.samples.append((np.asarray(batch["image"][i]), np.asarray(pred[i]),
+                           np.asarray(batch["label"][i])))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -139,9 +141,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: stopping.StopR
     state = state_lib.create_train_state(config, net, mfm_task, tx, repl)
     start = 0
   last_saved = start if start else None
+  # Batches are placed on the devices two ahead of the step; the data state saved with a
+  # checkpoint is that of the last batch a step consumed.
+  batches = parallel.DevicePrefetch(data_iter, mesh, size=2)
 
   update, step_traces = jit_update_fn(config, net, mfm_task, tx, mesh)
-  predict_fn = inference.make_predict_fn(config, net)
+  # Evaluation: prediction + confusion matrix jitted over this process's devices of the mesh,
+  # each process on its own shard of the split (no waiting inside a computation when the
+  # shards differ in size).
+  mesh_eval = inference.MeshEvaluation(config, net, parallel.local_mesh(mesh))
   schedule = state_lib.optim.lr_schedule(
       config.optim.lr, config.num_steps, config.optim.warmup_steps, config.optim.warmup_ratio,
       config.optim.power, config.optim.min_lr)
@@ -149,14 +157,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: stopping.StopR
 
   def run_eval(step: int, log_table: bool = True) -> dict[str, Any]:
     t0 = time.time()
-    # Evaluation runs per process on its first local device (its own shard of the split), so
-    # processes with unequal shard sizes never wait for each other inside a computation.
-    variables = jax.tree_util.tree_map(lambda x: x.addressable_data(0),
-                                       state_lib.deployed_params(state, config.eval.which))
-    batches = pipeline.make_eval_dataset(config.data, process_index=jax.process_index(),
-                                         process_count=jax.process_count())
+    variables = state_lib.deployed_params(state, config.eval.which)
+    eval_batches = pipeline.make_eval_dataset(config.data, process_index=jax.process_index(),
+                                              process_count=jax.process_count())
     keeper = _SampleKeeper(config.eval.num_logged_images if is_main else 0)
-    report = inference.evaluate(config, net, variables, batches, predict_fn, on_batch=keeper)
+    report = inference.evaluate(config, net, variables, eval_batches, mesh_eval,
+                                on_batch=keeper)
     writer.write_scalars(step, report_scalars(report))
     writer.write_texts(step, {"eval/iou_table": visualize.iou_markdown(report)})
     # image | prediction | ground truth, Cityscapes colours.
@@ -172,7 +178,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: stopping.StopR
 
   try:
     if start < config.num_steps:
-      batch = parallel.shard_batch(next(data_iter), mesh)
+      batch = next(batches)
       t_compile = time.time()
       step_fn = stopping.compile_interruptibly(update, (state, batch), stop)
       if step_fn is None:
@@ -186,7 +192,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: stopping.StopR
     checked = start  # the non-finite flag was last read after this step
     for step in range(start, config.num_steps):
       if step > start:
-        batch = parallel.shard_batch(next(data_iter), mesh)
+        batch = next(batches)
       state, metrics = step_fn(state, batch)
       done = step + 1
       if step == start:
@@ -229,7 +235,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: stopping.StopR
           _raise_non_finite(checked + 1, done, last_saved)
         checked = done
         try:
-          if ckpt.save(done, state, extra={"data": data_iter.get_state()}):
+          if ckpt.save(done, state, extra={"data": batches.get_state()}):
             last_saved = done
         except checkpoint.NonFiniteStateError as e:
           _raise_non_finite(done, done, last_saved, f" {e}")
@@ -249,6 +255,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: stopping.StopR
       print(format_report(report), flush=True)
     return report
   finally:
+    batches.close()
     writer.close()
     try:
       ckpt.close()

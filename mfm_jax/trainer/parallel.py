@@ -8,7 +8,9 @@ as on one device with the same global batch.
 
 from __future__ import annotations
 
+import collections
 import os
+from typing import Any
 
 from absl import logging
 import jax
@@ -55,6 +57,15 @@ def make_mesh(num_data: int = -1) -> Mesh:
   return Mesh(np.asarray(devices[:num_data]), (DATA_AXIS,))
 
 
+def local_mesh(mesh: Mesh) -> Mesh:
+  """The devices of ``mesh`` that belong to this process, as a 1-D ``data`` mesh (``mesh``
+  itself in a single-process run): evaluation runs there, on each process's own shard."""
+  mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  if len(mine) == mesh.devices.size:
+    return mesh
+  return Mesh(np.asarray(mine or jax.local_devices()[:1]), (DATA_AXIS,))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -75,3 +86,49 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
   sharding = data_sharded(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
+
+
+class DevicePrefetch:
+  """Batches of a checkpointable host iterator, placed on ``mesh`` (``shard_batch``) ahead.
+
+  Each ``next`` first tops the queue up to ``size`` placed batches, then hands out the oldest:
+  with ``size=2`` the batch after the one being returned is already being copied to the
+  devices while the step runs. ``get_state`` is the host iterator's state right after the last
+  batch handed out (the one the step consumed), NOT after the prefetched ones, so a
+  checkpoint resumes exactly; ``set_state`` drops the prefetched batches.
+  """
+
+  def __init__(self, iterator, mesh: Mesh, size: int = 2):
+    if size < 1:
+      raise ValueError(f"DevicePrefetch size={size} must be >= 1.")
+    self._it, self._mesh, self._size = iterator, mesh, size
+    self._queue = collections.deque()  # (placed batch, host state after it)
+    self._state = iterator.get_state()
+
+  def __iter__(self) -> "DevicePrefetch":
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    while len(self._queue) < self._size:
+      try:
+        host = next(self._it)
+      except StopIteration:
+        break
+      self._queue.append((shard_batch(host, self._mesh), self._it.get_state()))
+    if not self._queue:
+      raise StopIteration
+    batch, self._state = self._queue.popleft()
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return self._state
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._queue.clear()
+    self._it.set_state(state)
+    self._state = self._it.get_state()
+
+  def close(self) -> None:
+    self._queue.clear()
+    if hasattr(self._it, "close"):
+      self._it.close()

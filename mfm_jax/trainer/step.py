@@ -1,7 +1,9 @@
 """The one pure UDA update function (and its jitted, data-parallel form).
 
-One iteration (uda_reference.md §2.1; the reference back-propagates each term separately and
-accumulates gradients, which equals one ``value_and_grad`` over their sum):
+The batch's images arrive as uint8 and are normalised first (``ops.normalize_images``: the
+pipeline's Normalize + Pad, moved to the device). One iteration (uda_reference.md §2.1; the
+reference back-propagates each term separately and accumulates gradients, which equals one
+``value_and_grad`` over their sum):
 
 1. EMA teacher update, α_t = min(1 − 1/(t+1), α) (§2.2; t = 0 copies the student).
 2. Source forward + CE; ImageNet feature distance on the source features (λ_FD = 0.005).
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from mfm_jax import ops
 from mfm_jax.models.network import SegmentationNetwork
 from mfm_jax.models.network import variables
 from mfm_jax.trainer import parallel
@@ -63,8 +66,9 @@ def make_update_fn(config: ml_collections.ConfigDict, net: SegmentationNetwork,
   def update_fn(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
     keys = dict(zip(_STREAMS, jax.random.split(rng, len(_STREAMS))))
-    src_img, src_lbl = batch["source_image"], batch["source_label"]
-    tgt_img = batch["target_image"]
+    src_img = ops.normalize_images(batch["source_image"], batch["source_size"])
+    tgt_img = ops.normalize_images(batch["target_image"], batch["target_size"])
+    src_lbl = batch["source_label"]
     bsz, h, w = src_lbl.shape
     metrics: Metrics = {}
 
