@@ -58,6 +58,12 @@ def define_flags() -> None:
   flags.DEFINE_bool(
       "compile_only", False, "Compile the step and report XLA's memory and FLOP figures without "
       "running it (e.g. the full-size model's memory on a CPU machine).")
+  flags.DEFINE_string(
+      "aot", "", "Compile the real train step for a TPU topology without the hardware "
+      "(e.g. v5e:2x2, v5p:2x2x1, v4:2x2x1, v6e:2x2; needs pip install \"jax[tpu]\") and print "
+      "per-device memory, whether it fits the chip's HBM, compile time and FLOPs.")
+  flags.DEFINE_integer("batch_per_device", 0, "--aot: source (and target) images per device "
+                       "(default: config.data.batch_size / devices, at least 1).")
 
 
 # Dense peak TFLOP/s by device kind (vendor data sheets; SXM parts).
@@ -296,15 +302,32 @@ def run(config, steps: int, warmup: int, with_torch: bool, mfm_cost: bool = True
   return out
 
 
+def aot_run(config, topology: str, batch_per_device: int = 0) -> dict[str, Any]:
+  """``--aot``: the step compiled for a TPU topology (``trainer/aot.py``) plus the analytic
+  FLOPs of the same step (the deployed forward's FLOPs from a CPU compile)."""
+  from mfm_jax.trainer import aot  # pylint: disable=g-import-not-at-top
+  validation.validate(config)
+  out = {"date": time.strftime("%Y-%m-%d"), "crop": tuple(config.data.crop_size)}
+  out.update(aot.compile_step(config, topology, batch_per_device or None))
+  c = aot.aot_config(config, out["batch_per_device"], out["devices"])
+  forward = deployed_figures(c)["forward_flops"]  # one image, on this machine's backend
+  out["analytic_flops_per_step"] = analytic_step_flops(c, forward)
+  out["xla_over_analytic"] = out["xla_flops_per_step"] / out["analytic_flops_per_step"]
+  return out
+
+
 def main(argv):
   del argv
-  steps = 0 if FLAGS.compile_only else FLAGS.steps
-  out = run(FLAGS.config, steps, FLAGS.warmup, FLAGS.torch and steps > 0, FLAGS.mfm_cost)
+  if FLAGS.aot:
+    out = aot_run(FLAGS.config, FLAGS.aot, FLAGS.batch_per_device)
+  else:
+    steps = 0 if FLAGS.compile_only else FLAGS.steps
+    out = run(FLAGS.config, steps, FLAGS.warmup, FLAGS.torch and steps > 0, FLAGS.mfm_cost)
   width = max(len(k) for k in out)
   for k, v in out.items():
     v = f"{v:.4g}" if isinstance(v, float) else v
     print(f"{k:<{width}}  {v}")
-  if FLAGS.depthwise:
+  if FLAGS.depthwise and not FLAGS.aot:
     out["depthwise"] = depthwise_table(FLAGS.config, FLAGS.steps, FLAGS.warmup)
     print("depthwise conv, forward + backward (median ms):")
     for row in out["depthwise"]:

@@ -356,3 +356,23 @@ def test_dlv2red_resnet101_v1c_count():
   variables = _abstract_init(model)
   assert segmentor.count_params(variables["params"]) == 43_219_846
   assert segmentor.count_params(variables["params"]["decode_head"]) == 700_454
+
+
+def test_scan_blocks_same_tree_function_and_gradients():
+  """model.scan_blocks: each stage's blocks as one lax.scan over the unrolled parameters."""
+  x = _X[:, :32, :32]
+  plain = segmentor.build_backbone(_cfg(drop_path_rate=0.1, depthwise_impl="xla"))
+  scanned = segmentor.build_backbone(_cfg(drop_path_rate=0.1, depthwise_impl="xla",
+                                          scan_blocks=True, remat=True))
+  v = jax.jit(lambda: plain.init(jax.random.key(0), x, train=False))()
+  assert jax.tree.structure(v) == jax.tree.structure(
+      jax.eval_shape(lambda: scanned.init(jax.random.key(0), x, train=False)))
+  loss = lambda m, v: sum(jnp.mean(f ** 2) for f in m.apply(v, x, train=False))  # noqa: E731
+  (la, ga), (lb, gb) = (jax.jit(jax.value_and_grad(lambda v, m=m: loss(m, v)))(v)
+                        for m in (plain, scanned))
+  np.testing.assert_allclose(la, lb, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # Training mode (stochastic depth on) runs and keeps the shapes.
+  out = scanned.apply(v, x, train=True, rngs={"dropout": jax.random.key(1)})
+  assert [f.shape for f in out] == [f.shape for f in plain.apply(v, x, train=False)]

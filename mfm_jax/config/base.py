@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.head_dropout = 0.1  # Dropout2d before conv_seg
   c.model.drop_path_rate = 0.1  # MiT class default, linear over all blocks
   c.model.remat = False  # rematerialise encoder blocks (memory switch)
+  # OURS: MiT stages as one lax.scan over their blocks (compiled once per stage, not per block;
+  # same parameters and function, other stochastic-depth draws). README "Scaling".
+  c.model.scan_blocks = False
   c.model.compute_dtype = "float32"  # 'float32' | 'bfloat16' (params/optimizer stay fp32)
   # Depthwise convs (MiT Mix-FFN, separable ASPP): 'xla' grouped conv | 'shift' multiply-adds |
   # 'auto' (shift on CPU, where it is 9-28x faster per layer, xla on GPU/TPU). Same parameters

@@ -64,10 +64,12 @@ class DropPath(nn.Module):
   rate: float
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-    if deterministic or self.rate == 0.0:
+  def __call__(self, x: jax.Array, deterministic: bool, rate: jax.Array | None = None
+               ) -> jax.Array:
+    """``rate`` (a traced scalar) replaces the attribute: blocks run under ``lax.scan``."""
+    if deterministic or (rate is None and self.rate == 0.0):
       return x
-    keep = 1.0 - self.rate
+    keep = 1.0 - (self.rate if rate is None else rate)
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
@@ -149,16 +151,17 @@ class Block(nn.Module):
   depthwise_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool,
+               drop_rate: jax.Array | None = None) -> jax.Array:
     drop = DropPath(self.drop_path, name="drop_path")
     y = nn.LayerNorm(epsilon=_LN_EPS_BLOCK, dtype=self.dtype, name="norm1")(x)
     y = EfficientSelfAttention(self.dim, self.num_heads, self.sr_ratio, dtype=self.dtype,
                                name="attn")(y)
-    x = x + drop(y, deterministic)
+    x = x + drop(y, deterministic, drop_rate)
     y = nn.LayerNorm(epsilon=_LN_EPS_BLOCK, dtype=self.dtype, name="norm2")(x)
     y = MixFFN(self.dim, int(self.dim * self.mlp_ratio), dtype=self.dtype,
                depthwise_impl=self.depthwise_impl, name="mlp")(y)
-    return x + drop(y, deterministic)
+    return x + drop(y, deterministic, drop_rate)
 
 
 class MixVisionTransformer(nn.Module):
@@ -171,6 +174,11 @@ class MixVisionTransformer(nn.Module):
     dtype: compute dtype (params stay float32).
     remat: rematerialise every block (saves activation memory at ~1/3 more compute).
     depthwise_impl: formulation of the Mix-FFN depthwise conv (``ops.DEPTHWISE_IMPLS``).
+    scan_blocks: run the blocks of a stage as one ``lax.scan`` over their stacked parameters,
+      so XLA compiles each stage's block once instead of ``depth`` times (MiT-B5: 3/6/40/3
+      blocks). The parameter tree stays ``block{i}_{j}`` (checkpoints unchanged); the same
+      function, except that stochastic depth draws its masks from one key split per stage
+      (same distribution, other draws).
   """
   embed_dims: Sequence[int]
   num_heads: Sequence[int]
@@ -181,6 +189,30 @@ class MixVisionTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   depthwise_impl: str = "xla"
+  scan_blocks: bool = False
+
+  def _scan_stage(self, x: jax.Array, stage: int, rates: np.ndarray,
+                  deterministic: bool) -> jax.Array:
+    """The blocks ``block{stage}_*`` as one ``lax.scan`` over their stacked parameters."""
+    params = self.variables["params"]
+    depth = len(rates)
+    stacked = jax.tree.map(lambda *p: jnp.stack(p),
+                           *[params[f"block{stage}_{j}"] for j in range(depth)])
+    i = stage - 1
+    block = Block(self.embed_dims[i], self.num_heads[i], self.mlp_ratios[i], self.sr_ratios[i],
+                  0.0, dtype=self.dtype, depthwise_impl=self.depthwise_impl)
+    keys = (jnp.zeros((depth,), jnp.uint32) if deterministic
+            else jax.random.split(self.make_rng("dropout"), depth))
+
+    def body(h, xs):
+      p, rate, key = xs
+      rngs = {} if deterministic else {"dropout": key}
+      return block.apply({"params": p}, h, deterministic, rate, rngs=rngs), None
+
+    if self.remat:
+      body = jax.checkpoint(body)
+    x, _ = jax.lax.scan(body, x, (stacked, jnp.asarray(rates, jnp.float32), keys))
+    return x
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool,
@@ -201,11 +233,14 @@ class MixVisionTransformer(nn.Module):
       patch, stride = (7, 4) if i == 0 else (3, 2)
       x = OverlapPatchEmbed(self.embed_dims[i], patch, stride, dtype=self.dtype,
                             name=f"patch_embed{i + 1}")(x)
-      for j in range(self.depths[i]):
-        x = block_cls(self.embed_dims[i], self.num_heads[i], self.mlp_ratios[i],
-                      self.sr_ratios[i], float(dpr[cur + j]), dtype=self.dtype,
-                      depthwise_impl=self.depthwise_impl,
-                      name=f"block{i + 1}_{j}")(x, deterministic)
+      if self.scan_blocks and self.depths[i] > 1 and not self.is_initializing():
+        x = self._scan_stage(x, i + 1, dpr[cur:cur + self.depths[i]], deterministic)
+      else:
+        for j in range(self.depths[i]):
+          x = block_cls(self.embed_dims[i], self.num_heads[i], self.mlp_ratios[i],
+                        self.sr_ratios[i], float(dpr[cur + j]), dtype=self.dtype,
+                        depthwise_impl=self.depthwise_impl,
+                        name=f"block{i + 1}_{j}")(x, deterministic)
       cur += self.depths[i]
       x = nn.LayerNorm(epsilon=_LN_EPS_BLOCK, dtype=self.dtype, name=f"norm{i + 1}")(x)
       features.append(x)

@@ -94,7 +94,8 @@ def build_backbone(model_cfg: Any) -> nn.Module:
   dtype = parse_compute_dtype(model_cfg.compute_dtype)
   if name in mit.MIT_VARIANTS:
     return mit.mit(name, drop_path_rate=float(model_cfg.drop_path_rate), dtype=dtype,
-                   remat=bool(model_cfg.remat), depthwise_impl=_depthwise_impl(model_cfg))
+                   remat=bool(model_cfg.remat), depthwise_impl=_depthwise_impl(model_cfg),
+                   scan_blocks=bool(model_cfg.scan_blocks))
   depth, width, deep_stem, dilated = _RESNETS[name]
   return resnet.ResNetV1c(depth=depth, width=width, deep_stem=deep_stem, dilated=dilated,
                           dtype=dtype, remat=bool(model_cfg.remat))
