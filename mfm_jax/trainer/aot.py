@@ -86,13 +86,14 @@ def aot_config(config: ml_collections.ConfigDict, batch_per_device: int,
 
 
 def abstract_batch(config: ml_collections.ConfigDict, sharding) -> dict[str, Any]:
-  """Shapes/dtypes of one global training batch (as ``benchmark.fake_batch``), sharded."""
+  """Shapes/dtypes of one global training batch in the input pipeline's format (uint8 images
+  with their unpadded sizes, int32 labels; ``benchmark.fake_batch``), sharded."""
   b = int(config.data.batch_size)
   h, w = config.data.crop_size
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
-  return {"source_image": spec((b, h, w, 3), jnp.float32),
+  return {"source_image": spec((b, h, w, 3), jnp.uint8), "source_size": spec((b, 2), jnp.int32),
           "source_label": spec((b, h, w), jnp.int32),
-          "target_image": spec((b, h, w, 3), jnp.float32),
+          "target_image": spec((b, h, w, 3), jnp.uint8), "target_size": spec((b, 2), jnp.int32),
           "target_valid": spec((b, h, w), jnp.float32),
           "target_label": spec((b, h, w), jnp.int32)}
 
