@@ -11,8 +11,10 @@ torch twin (``mfm_jax/torch_reference.py``) loaded with the same weights, forwar
 backward + AdamW with the same parameter groups, on the same batch and crop, in the same
 process; wall time per step (median), process CPU time per step (user + system, median) and
 their ratio (cores in use), and ``torch_over_jax`` = torch wall / JAX wall. HRDA configs are
-compared on their plain encoder-decoder at the configured crop. ``--depthwise`` times every depthwise
-conv shape of the model in both formulations (``config.model.depthwise_impl``).
+compared on their plain encoder-decoder at the configured crop. ``--depthwise`` times every
+depthwise conv shape of the model in both formulations (``config.model.depthwise_impl``);
+``--upsample`` every ×2 transposed conv of the MFM Rebuilder's projectors in both formulations of
+``ops.conv_transpose_2x`` ('transpose', the default, vs 'subpixel').
 
 Analytic FLOPs (documented): F = forward FLOPs of the deployed segmentor for one image
 (XLA cost analysis of the inference forward). A training pass costs 3F (forward + backward),
@@ -60,6 +62,10 @@ def define_flags() -> None:
       "depthwise", False, "Also time every depthwise conv shape of the model (forward + backward, "
       "batch 2+2) in both formulations of config.model.depthwise_impl ('xla' grouped conv vs "
       "'shift' multiply-adds).")
+  flags.DEFINE_bool(
+      "upsample", False, "Also time every ×2 transposed conv of the MFM Rebuilder's projectors "
+      "(forward + backward) in both formulations of ops.conv_transpose_2x ('transpose' vs "
+      "'subpixel').")
   flags.DEFINE_bool(
       "compile_only", False, "Compile the step and report XLA's memory and FLOP figures without "
       "running it (e.g. the full-size model's memory on a CPU machine).")
@@ -199,8 +205,8 @@ def torch_comparison(config, steps: int, warmup: int) -> dict[str, Any]:
     state, m = compiled(state, batch)
     jax.block_until_ready(m)
 
-  out = {"compared_network": f"{sup.model.backbone}+{sup.model.head}",
-         "jax_depthwise_impl": segmentor._depthwise_impl(sup.model)}  # pylint: disable=protected-access
+  impl = segmentor._depthwise_impl(sup.model)  # pylint: disable=protected-access
+  out = {"compared_network": f"{sup.model.backbone}+{sup.model.head}", "jax_depthwise_impl": impl}
   out["jax_supervised_step_s"], out["jax_supervised_cpu_s"] = timed(jax_step, steps, warmup)
   out["torch_step_s"], out["torch_cpu_s"] = timed(twin_step, steps, warmup)
   out.update(info)
@@ -247,6 +253,45 @@ def depthwise_table(config, steps: int, warmup: int) -> list[dict[str, Any]]:
       fn = jax.jit(jax.grad(lambda x, k, impl=impl: jnp.sum(
           ops.depthwise_conv2d(x, k, dilation=d, padding=d, impl=impl).astype(jnp.float32)),
                             argnums=(0, 1)))
+      row[f"{impl}_ms"] = 1e3 * timed(
+          lambda fn=fn: jax.block_until_ready(fn(x, k)), max(steps, 1), max(warmup, 1))[0]
+    rows.append(row)
+  return rows
+
+
+def upsample_shapes(config) -> list[tuple[int, int, int, int, int, int]]:
+  """(B, h, w, cin, cout, count) of the Rebuilder projectors' ×2 transposed convs at the
+  configured crop (count = how many projectors run that shape); [] without a Rebuilder."""
+  from mfm_jax.models import rebuilder  # pylint: disable=g-import-not-at-top
+  task = state_lib.build_mfm_task(config)
+  if task is None or not task.has_params:
+    return []
+  b = config.data.batch_size * (2 if config.mfm.domain == "both" else 1)
+  (gh, gw), d = task.grid, int(config.mfm.embed_dim)
+  levels = (len(task.level_sizes) - 1,) if config.model.head.startswith("dlv2") else task.levels
+  counts: dict[tuple[int, ...], int] = {}
+  for lvl in levels:
+    for s in range(rebuilder.upsample_steps(task.level_sizes[lvl], (gh, gw))):
+      key = (b, gh * 2**s, gw * 2**s, d if s == 0 else d // 2 if s == 1 else d // 4,
+             d // 2 if s == 0 else d // 4)
+      counts[key] = counts.get(key, 0) + 1
+  return [(*k, n) for k, n in counts.items()]
+
+
+def upsample_table(config, steps: int, warmup: int) -> list[dict[str, Any]]:
+  """Forward + backward (input and kernel) time of each projector transposed-conv shape, per
+  formulation of ``ops.conv_transpose_2x``."""
+  from mfm_jax import ops  # pylint: disable=g-import-not-at-top
+  dtype = jnp.bfloat16 if config.model.compute_dtype == "bfloat16" else jnp.float32
+  rows = []
+  for b, h, w, cin, cout, n in upsample_shapes(config):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(b, h, w, cin)), dtype)
+    k = jnp.asarray(rng.normal(size=(4, 4, cout, cin)), dtype)
+    row = {"shape": f"{b}x{h}x{w}x{cin}->{cout}", "count": n}
+    for impl in ops.CONV_TRANSPOSE_IMPLS:
+      fn = jax.jit(jax.grad(lambda x, k, impl=impl: jnp.sum(
+          ops.conv_transpose_2x(x, k, impl).astype(jnp.float32)), argnums=(0, 1)))
       row[f"{impl}_ms"] = 1e3 * timed(
           lambda fn=fn: jax.block_until_ready(fn(x, k)), max(steps, 1), max(warmup, 1))[0]
     rows.append(row)
@@ -318,6 +363,12 @@ def main(argv):
     for row in out["depthwise"]:
       print(f"  {row['shape']:>20} d={row['dilation']:<3} xla {row['xla_ms']:8.3f}  "
             f"shift {row['shift_ms']:8.3f}")
+  if FLAGS.upsample:
+    out["upsample"] = upsample_table(FLAGS.config, FLAGS.steps, FLAGS.warmup)
+    print("Rebuilder x2 transposed conv, forward + backward (median ms):")
+    for row in out["upsample"]:
+      print(f"  {row['shape']:>24} x{row['count']}  transpose {row['transpose_ms']:8.3f}  "
+            f"subpixel {row['subpixel_ms']:8.3f}")
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
       json.dump(out, f, indent=2, default=str)

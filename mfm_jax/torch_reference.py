@@ -196,8 +196,8 @@ class ASPPFusion(nn.Module):
 
 
 class DAFormerHead(nn.Module):
-  """Per-level Linear embed → upsample to stride 4 → concat (level 0..3) → fusion → Dropout2d →
-  conv_seg."""
+  """Per-level Linear embed → upsample to stride 4 → concat (level 0..3) → fusion →
+  Dropout2d → conv_seg."""
 
   def __init__(self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 256,
                fusion: str = "sepaspp", dilations: Sequence[int] = (1, 6, 12, 18),

@@ -291,3 +291,14 @@ def test_benchmark_depthwise_table():
                     (8, 8, 4 * e, 6), (8, 8, 4 * e, 12), (8, 8, 4 * e, 18)]
   rows = benchmark.depthwise_table(c, steps=1, warmup=1)
   assert len(rows) == len(shapes) and all(r["xla_ms"] > 0 and r["shift_ms"] > 0 for r in rows)
+
+
+def test_benchmark_upsample_table():
+  """The Rebuilder projectors' ×2 transposed convs at 256² (grid 8; levels 64/32/16/8 need
+  3/2/1/0 steps), timed in both formulations."""
+  c = _config(**{"data.crop_size": (256, 256), "mfm.grid_size": 16})
+  d, b = c.mfm.embed_dim, c.data.batch_size
+  assert benchmark.upsample_shapes(c) == [(b, 8, 8, d, d // 2, 3), (b, 16, 16, d // 2, d // 4, 2),
+                                          (b, 32, 32, d // 4, d // 4, 1)]
+  rows = benchmark.upsample_table(c, steps=1, warmup=1)
+  assert len(rows) == 3 and all(r["transpose_ms"] > 0 and r["subpixel_ms"] > 0 for r in rows)
