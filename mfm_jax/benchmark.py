@@ -55,6 +55,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
   flags.DEFINE_bool("torch", False, "Also time the same network's supervised step in PyTorch "
                     "and in JAX, side by side (mfm_jax/torch_reference.py).")
+  flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads for --torch (0: torch's "
+                       "default); on an oversubscribed CPU fewer OpenMP threads can be faster.")
   flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
   flags.DEFINE_bool("mfm_cost", True, "With MFM on: also compile the step without "
                     "MFM and print both steps' XLA FLOPs and temporary memory.")
@@ -190,7 +192,8 @@ def supervised_config(config):
   return sup
 
 
-def torch_comparison(config, steps: int, warmup: int) -> dict[str, Any]:
+def torch_comparison(config, steps: int, warmup: int, torch_threads: int = 0
+                     ) -> dict[str, Any]:
   """The same network's supervised step in JAX and in PyTorch (same weights, batch, crop):
   forward + CE + backward + AdamW on both sides, timed one after the other in this process."""
   from mfm_jax import torch_reference  # pylint: disable=g-import-not-at-top
@@ -198,7 +201,7 @@ def torch_comparison(config, steps: int, warmup: int) -> dict[str, Any]:
   sup = supervised_config(config)
   compiled, state, batch, host, _, _ = compiled_step(sup)
   variables = jax.device_get({"params": state.params["model"], "batch_stats": state.batch_stats})
-  twin_step, info = torch_reference.train_step(sup, variables, host)
+  twin_step, info = torch_reference.train_step(sup, variables, host, threads=torch_threads)
 
   def jax_step():
     nonlocal state
@@ -309,8 +312,8 @@ def rebuilder_params(config) -> int:
   return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(tree))
 
 
-def run(config, steps: int, warmup: int, with_torch: bool, mfm_cost: bool = True
-        ) -> dict[str, Any]:
+def run(config, steps: int, warmup: int, with_torch: bool, mfm_cost: bool = True,
+        torch_threads: int = 0) -> dict[str, Any]:
   validation.validate(config)
   device = jax.devices()[0]
   out: dict[str, Any] = {"device": f"{device.platform}:{device.device_kind}",
@@ -345,14 +348,15 @@ def run(config, steps: int, warmup: int, with_torch: bool, mfm_cost: bool = True
   peak = _PEAK_TFLOPS.get((kind, config.model.compute_dtype)) if kind else None
   out["mfu"] = out["achieved_tflops_s"] / peak if peak else None
   if with_torch:
-    out.update(torch_comparison(config, steps, warmup))
+    out.update(torch_comparison(config, steps, warmup, torch_threads))
   return out
 
 
 def main(argv):
   del argv
   steps = 0 if FLAGS.compile_only else FLAGS.steps
-  out = run(FLAGS.config, steps, FLAGS.warmup, FLAGS.torch and steps > 0, FLAGS.mfm_cost)
+  out = run(FLAGS.config, steps, FLAGS.warmup, FLAGS.torch and steps > 0, FLAGS.mfm_cost,
+            FLAGS.torch_threads)
   width = max(len(k) for k in out)
   for k, v in out.items():
     v = f"{v:.4g}" if isinstance(v, float) else v

@@ -282,12 +282,15 @@ def make_optimizer(model: EncoderDecoder, optim_cfg: Any) -> torch.optim.Optimiz
       weight_decay=float(optim_cfg.weight_decay))
 
 
-def train_step(config: Any, variables: dict[str, Any], batch: dict[str, np.ndarray]
-               ) -> tuple[Callable[[], None], dict[str, Any]]:
+def train_step(config: Any, variables: dict[str, Any], batch: dict[str, np.ndarray],
+               threads: int = 0) -> tuple[Callable[[], None], dict[str, Any]]:
   """A supervised torch step (forward + CE + backward + AdamW) of the twin of ``config.model``
   loaded with ``variables``, on the source half of ``batch`` (NHWC numpy): (step, info).
   ``model.compute_dtype='bfloat16'`` runs the forward under ``torch.autocast`` (parameters and
-  optimizer stay float32, like ours)."""
+  optimizer stay float32, like ours). ``threads`` > 0 sets ``torch.set_num_threads`` (process
+  wide)."""
+  if threads > 0:
+    torch.set_num_threads(threads)
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   model = model_from_config(config.model, variables).to(dev).train()
   opt = make_optimizer(model, config.optim)

@@ -95,7 +95,12 @@ def test_config_twin_and_step_timing():
   c = fragments.compose(fragments.source_only, presets="synthetic")
   c.data.crop_size, c.data.batch_size, c.model.head_embed_dim = (32, 32), 1, E
   v = _flax_model().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
-  step, info = torch_reference.train_step(c, v, benchmark.fake_batch(c))
+  threads = torch.get_num_threads()
+  try:
+    step, info = torch_reference.train_step(c, v, benchmark.fake_batch(c), threads=1)
+    assert info["torch_threads"] == 1
+  finally:
+    torch.set_num_threads(threads)
   wall, cpu = benchmark.timed(step, steps=2, warmup=1)
   assert wall > 0 and cpu > 0
   assert info["torch_params"] == sum(a.size for a in jax.tree_util.tree_leaves(v["params"]))
