@@ -5,11 +5,16 @@ compile time, median step time over ``--steps`` after ``--warmup``, images/s (so
 images per step), peak device memory (GPU/TPU allocator) and XLA's temporary-buffer size of the
 compiled step (any backend, the figure the memory switches such as ``model.remat`` change), XLA's FLOP count of the compiled step, an analytic FLOP
 count, achieved TFLOP/s and MFU; the parameters and FLOPs of the deployed network with and
-without MFM (equal: the Rebuilder is discarded); and, with ``--torch``, the time of a PyTorch
-training step of a comparable network (transformers' SegFormer: same MiT encoder, its all-MLP
-head, CE loss, forward + backward + AdamW, same crop and batch) next to our supervised-only
-step (source CE on the same batch), with their ratio. ``--depthwise`` times every depthwise
-conv shape of the model in both formulations (``config.model.depthwise_impl``).
+without MFM (equal: the Rebuilder is discarded); and, with ``--torch``, a side-by-side
+supervised step of the same network in PyTorch and in JAX: our MiT + DAFormer segmentor and its
+torch twin (``mfm_jax/torch_reference.py``) loaded with the same weights, forward + CE +
+backward + AdamW with the same parameter groups, on the same batch and crop, in the same
+process; wall time per step (median), process CPU time per step (user + system, median) and
+their ratio (cores in use), and ``torch_over_jax`` = torch wall / JAX wall. HRDA configs are
+compared on their plain encoder-decoder at the configured crop. ``--depthwise`` times every
+depthwise conv shape of the model in both formulations (``config.model.depthwise_impl``);
+``--upsample`` every ×2 transposed conv of the MFM Rebuilder's projectors in both formulations of
+``ops.conv_transpose_2x`` ('transpose', the default, vs 'subpixel').
 
 Analytic FLOPs (documented): F = forward FLOPs of the deployed segmentor for one image
 (XLA cost analysis of the inference forward). A training pass costs 3F (forward + backward),
@@ -21,6 +26,7 @@ ImageNet encoder ≈ F·b (upper bound: the encoder alone is cheaper).
 from __future__ import annotations
 
 import json
+import resource
 import statistics
 import time
 from typing import Any
@@ -47,7 +53,10 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Config file[:preset].")
   flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
   flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
-  flags.DEFINE_bool("torch", False, "Also time a PyTorch SegFormer training step.")
+  flags.DEFINE_bool("torch", False, "Also time the same network's supervised step in PyTorch "
+                    "and in JAX, side by side (mfm_jax/torch_reference.py).")
+  flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads for --torch (0: torch's "
+                       "default); on an oversubscribed CPU fewer OpenMP threads can be faster.")
   flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
   flags.DEFINE_bool("mfm_cost", True, "With MFM on: also compile the step without "
                     "MFM and print both steps' XLA FLOPs and temporary memory.")
@@ -55,6 +64,10 @@ def define_flags() -> None:
       "depthwise", False, "Also time every depthwise conv shape of the model (forward + backward, "
       "batch 2+2) in both formulations of config.model.depthwise_impl ('xla' grouped conv vs "
       "'shift' multiply-adds).")
+  flags.DEFINE_bool(
+      "upsample", False, "Also time every ×2 transposed conv of the MFM Rebuilder's projectors "
+      "(forward + backward) in both formulations of ops.conv_transpose_2x ('transpose' vs "
+      "'subpixel').")
   flags.DEFINE_bool(
       "compile_only", False, "Compile the step and report XLA's memory and FLOP figures without "
       "running it (e.g. the full-size model's memory on a CPU machine).")
@@ -110,35 +123,44 @@ def deployed_figures(config) -> dict[str, Any]:
           "tree": jax.tree_util.tree_structure(variables["params"])}
 
 
-def _median_seconds(call, steps: int, warmup: int) -> float:
-  """Median wall time of ``call()`` (which must wait for its result) after ``warmup`` calls."""
+def timed(call, steps: int, warmup: int) -> tuple[float, float]:
+  """(median wall seconds, median process CPU seconds: user + system, all threads) per
+  ``call()`` (which must wait for its result), after ``warmup`` calls."""
   for _ in range(warmup):
     call()
-  times = []
+  walls, cpus = [], []
   for _ in range(steps):
-    t = time.perf_counter()
+    r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     call()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+    walls.append(time.perf_counter() - t)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpus.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+  return statistics.median(walls), statistics.median(cpus)
 
 
-def time_step(config, steps: int, warmup: int) -> dict[str, Any]:
+def compiled_step(config):
+  """(compiled update, initial state, sharded batch, host batch, compile seconds, mesh)."""
   mesh = parallel.make_mesh(config.mesh.data)
   net = state_lib.build_network(config)
   task = state_lib.build_mfm_task(config)
   tx = state_lib.build_optimizer(config, net, task)
   repl = parallel.replicated(mesh)
   state = state_lib.create_train_state(config, net, task, tx, repl)
-  batch = parallel.shard_batch(fake_batch(config), mesh)
+  host = fake_batch(config)
+  batch = parallel.shard_batch(host, mesh)
   update, _ = jit_update_fn(config, net, task, tx, mesh)
   t0 = time.perf_counter()
   compiled = update.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
+  return compiled, state, batch, host, time.perf_counter() - t0, mesh
+
+
+def time_step(config, steps: int, warmup: int) -> dict[str, Any]:
+  compiled, state, batch, _, compile_s, mesh = compiled_step(config)
   mem = compiled.memory_analysis()
   temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
   out = {"compile_s": compile_s, "xla_temp_gib": temp / 2**30 if temp is not None else None,
          "xla_step_flops": _cost_flops(compiled) * mesh.devices.size,
-         "devices": mesh.devices.size, "step_s": None, "peak_gib": None}
+         "devices": mesh.devices.size, "step_s": None, "step_cpu_s": None, "peak_gib": None}
   if steps <= 0:  # compile only
     return out
 
@@ -147,7 +169,7 @@ def time_step(config, steps: int, warmup: int) -> dict[str, Any]:
     state, m = compiled(state, batch)
     jax.block_until_ready(m)
 
-  out["step_s"] = _median_seconds(step, steps, warmup)
+  out["step_s"], out["step_cpu_s"] = timed(step, steps, warmup)
   stats = jax.local_devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     out["peak_gib"] = stats["peak_bytes_in_use"] / 2**30
@@ -168,39 +190,42 @@ def analytic_step_flops(config, forward_flops: float) -> float:
   return passes * forward_flops * b
 
 
-def torch_segformer_step(config, steps: int, warmup: int) -> dict[str, Any]:
-  """A transformers SegFormer (same MiT variant) supervised training step in PyTorch."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
+def supervised_config(config):
+  """The supervised-only step of ``config``'s network (source CE, no UDA, no MFM, no HRDA)."""
+  sup = config.copy_and_resolve_references()
+  fragments.source_only(sup)
+  sup.mfm.enabled = False
+  if sup.model.get("hrda") is not None:
+    sup.model.hrda.enabled = False
+  validation.validate(sup)
+  return sup
 
-  from mfm_jax.models import mit  # pylint: disable=g-import-not-at-top
-  v = mit.MIT_VARIANTS[config.model.backbone]
-  cfg = transformers.SegformerConfig(
-      num_channels=3, num_encoder_blocks=4, depths=list(v["depths"]),
-      sr_ratios=list(v["sr_ratios"]), hidden_sizes=list(v["embed_dims"]),
-      num_attention_heads=list(v["num_heads"]), mlp_ratios=list(v["mlp_ratios"]),
-      decoder_hidden_size=config.model.head_embed_dim, num_labels=config.model.num_classes,
-      drop_path_rate=config.model.drop_path_rate)
-  dev = "cuda" if torch.cuda.is_available() else "cpu"
-  model = transformers.SegformerForSemanticSegmentation(cfg).to(dev).train()
-  opt = torch.optim.AdamW(model.parameters(), lr=6e-5, weight_decay=0.01)
-  b, (h, w) = config.data.batch_size, config.data.crop_size
-  x = torch.randn(b, 3, h, w, device=dev)
-  y = torch.randint(0, config.model.num_classes, (b, h, w), device=dev)
 
-  def step():
-    opt.zero_grad(set_to_none=True)
-    logits = model(pixel_values=x).logits
-    logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear",
-                                             align_corners=False)
-    torch.nn.functional.cross_entropy(logits, y, ignore_index=255).backward()
-    opt.step()
+def torch_comparison(config, steps: int, warmup: int, torch_threads: int = 0
+                     ) -> dict[str, Any]:
+  """The same network's supervised step in JAX and in PyTorch (same weights, batch, crop):
+  forward + CE + backward + AdamW on both sides, timed one after the other in this process."""
+  from mfm_jax import torch_reference  # pylint: disable=g-import-not-at-top
+  from mfm_jax.models import segmentor  # pylint: disable=g-import-not-at-top
+  sup = supervised_config(config)
+  compiled, state, batch, host, _, _ = compiled_step(sup)
+  variables = jax.device_get({"params": state.params["model"], "batch_stats": state.batch_stats})
+  twin_step, info = torch_reference.train_step(sup, variables, host, threads=torch_threads)
 
-  sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-  step_s = _median_seconds(lambda: (step(), sync()), steps, warmup)
-  return {"torch_step_s": step_s, "torch_device": dev,
-          "torch_version": torch.__version__,
-          "torch_params": sum(p.numel() for p in model.parameters())}
+  def jax_step():
+    nonlocal state
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+
+  impl = segmentor._depthwise_impl(sup.model)  # pylint: disable=protected-access
+  out = {"compared_network": f"{sup.model.backbone}+{sup.model.head}", "jax_depthwise_impl": impl}
+  out["jax_supervised_step_s"], out["jax_supervised_cpu_s"] = timed(jax_step, steps, warmup)
+  out["torch_step_s"], out["torch_cpu_s"] = timed(twin_step, steps, warmup)
+  out.update(info)
+  out["jax_cores_used"] = out["jax_supervised_cpu_s"] / out["jax_supervised_step_s"]
+  out["torch_cores_used"] = out["torch_cpu_s"] / out["torch_step_s"]
+  out["torch_over_jax"] = out["torch_step_s"] / out["jax_supervised_step_s"]
+  return out
 
 
 def depthwise_shapes(config) -> list[tuple[int, int, int, int]]:
@@ -240,8 +265,47 @@ def depthwise_table(config, steps: int, warmup: int) -> list[dict[str, Any]]:
       fn = jax.jit(jax.grad(lambda x, k, impl=impl: jnp.sum(
           ops.depthwise_conv2d(x, k, dilation=d, padding=d, impl=impl).astype(jnp.float32)),
                             argnums=(0, 1)))
-      row[f"{impl}_ms"] = 1e3 * _median_seconds(
-          lambda fn=fn: jax.block_until_ready(fn(x, k)), max(steps, 1), max(warmup, 1))
+      row[f"{impl}_ms"] = 1e3 * timed(
+          lambda fn=fn: jax.block_until_ready(fn(x, k)), max(steps, 1), max(warmup, 1))[0]
+    rows.append(row)
+  return rows
+
+
+def upsample_shapes(config) -> list[tuple[int, int, int, int, int, int]]:
+  """(B, h, w, cin, cout, count) of the Rebuilder projectors' ×2 transposed convs at the
+  configured crop (count = how many projectors run that shape); [] without a Rebuilder."""
+  from mfm_jax.models import rebuilder  # pylint: disable=g-import-not-at-top
+  task = state_lib.build_mfm_task(config)
+  if task is None or not task.has_params:
+    return []
+  b = config.data.batch_size * (2 if config.mfm.domain == "both" else 1)
+  (gh, gw), d = task.grid, int(config.mfm.embed_dim)
+  levels = (len(task.level_sizes) - 1,) if config.model.head.startswith("dlv2") else task.levels
+  counts: dict[tuple[int, ...], int] = {}
+  for lvl in levels:
+    for s in range(rebuilder.upsample_steps(task.level_sizes[lvl], (gh, gw))):
+      key = (b, gh * 2**s, gw * 2**s, d if s == 0 else d // 2 if s == 1 else d // 4,
+             d // 2 if s == 0 else d // 4)
+      counts[key] = counts.get(key, 0) + 1
+  return [(*k, n) for k, n in counts.items()]
+
+
+def upsample_table(config, steps: int, warmup: int) -> list[dict[str, Any]]:
+  """Forward + backward (input and kernel) time of each projector transposed-conv shape, per
+  formulation of ``ops.conv_transpose_2x``."""
+  from mfm_jax import ops  # pylint: disable=g-import-not-at-top
+  dtype = jnp.bfloat16 if config.model.compute_dtype == "bfloat16" else jnp.float32
+  rows = []
+  for b, h, w, cin, cout, n in upsample_shapes(config):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(b, h, w, cin)), dtype)
+    k = jnp.asarray(rng.normal(size=(4, 4, cout, cin)), dtype)
+    row = {"shape": f"{b}x{h}x{w}x{cin}->{cout}", "count": n}
+    for impl in ops.CONV_TRANSPOSE_IMPLS:
+      fn = jax.jit(jax.grad(lambda x, k, impl=impl: jnp.sum(
+          ops.conv_transpose_2x(x, k, impl).astype(jnp.float32)), argnums=(0, 1)))
+      row[f"{impl}_ms"] = 1e3 * timed(
+          lambda fn=fn: jax.block_until_ready(fn(x, k)), max(steps, 1), max(warmup, 1))[0]
     rows.append(row)
   return rows
 
@@ -257,8 +321,8 @@ def rebuilder_params(config) -> int:
   return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(tree))
 
 
-def run(config, steps: int, warmup: int, with_torch: bool, mfm_cost: bool = True
-        ) -> dict[str, Any]:
+def run(config, steps: int, warmup: int, with_torch: bool, mfm_cost: bool = True,
+        torch_threads: int = 0) -> dict[str, Any]:
   validation.validate(config)
   device = jax.devices()[0]
   out: dict[str, Any] = {"device": f"{device.platform}:{device.device_kind}",
@@ -293,12 +357,7 @@ def run(config, steps: int, warmup: int, with_torch: bool, mfm_cost: bool = True
   peak = _PEAK_TFLOPS.get((kind, config.model.compute_dtype)) if kind else None
   out["mfu"] = out["achieved_tflops_s"] / peak if peak else None
   if with_torch:
-    sup = config.copy_and_resolve_references()
-    fragments.source_only(sup)
-    sup.mfm.enabled = False
-    out["jax_supervised_step_s"] = time_step(sup, steps, warmup)["step_s"]
-    out.update(torch_segformer_step(config, steps, warmup))
-    out["torch_over_jax_supervised"] = out["torch_step_s"] / out["jax_supervised_step_s"]
+    out.update(torch_comparison(config, steps, warmup, torch_threads))
   return out
 
 
@@ -322,7 +381,8 @@ def main(argv):
     out = aot_run(FLAGS.config, FLAGS.aot, FLAGS.batch_per_device)
   else:
     steps = 0 if FLAGS.compile_only else FLAGS.steps
-    out = run(FLAGS.config, steps, FLAGS.warmup, FLAGS.torch and steps > 0, FLAGS.mfm_cost)
+    out = run(FLAGS.config, steps, FLAGS.warmup, FLAGS.torch and steps > 0, FLAGS.mfm_cost,
+              FLAGS.torch_threads)
   width = max(len(k) for k in out)
   for k, v in out.items():
     v = f"{v:.4g}" if isinstance(v, float) else v
@@ -333,6 +393,12 @@ def main(argv):
     for row in out["depthwise"]:
       print(f"  {row['shape']:>20} d={row['dilation']:<3} xla {row['xla_ms']:8.3f}  "
             f"shift {row['shift_ms']:8.3f}")
+  if FLAGS.upsample and not FLAGS.aot:
+    out["upsample"] = upsample_table(FLAGS.config, FLAGS.steps, FLAGS.warmup)
+    print("Rebuilder x2 transposed conv, forward + backward (median ms):")
+    for row in out["upsample"]:
+      print(f"  {row['shape']:>24} x{row['count']}  transpose {row['transpose_ms']:8.3f}  "
+            f"subpixel {row['subpixel_ms']:8.3f}")
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
       json.dump(out, f, indent=2, default=str)

@@ -92,3 +92,44 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, *, dilation: int = 1, padd
       term = xp[:, i * dilation:i * dilation + h, j * dilation:j * dilation + w] * kernel[i, j, 0]
       out = term if out is None else out + term
   return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The Rebuilder's ×2 upsampling, PyTorch ConvTranspose2d(k=4, stride=2, padding=1), in two
+# formulations with the same kernel [4, 4, cout, cin]: 'transpose' (jax.lax.conv_transpose,
+# lowered with an input dilated by zeros; its backward is a known slow path on GPUs) and
+# 'subpixel': one stride-1 3x3 convolution to 4·cout channels (one output phase per channel
+# block; each phase uses 2x2 of the 3x3 taps) followed by depth-to-space. Output pixel 2t + a
+# of a dimension takes input t - 1 + d with torch tap k = a + 3 - 2d (0 <= k <= 3).
+
+CONV_TRANSPOSE_IMPLS = ("transpose", "subpixel")
+
+
+def _subpixel_kernel(kernel: jax.Array) -> jax.Array:
+  """[4, 4, cout, cin] transposed-conv kernel → [3, 3, cin, 4·cout] (phases (a, b) major)."""
+  _, _, cout, cin = kernel.shape
+  k = jnp.pad(jnp.transpose(kernel, (0, 1, 3, 2)), ((0, 1), (0, 1), (0, 0), (0, 0)))
+  taps = [[a + 3 - 2 * d if 0 <= a + 3 - 2 * d <= 3 else 4 for a in (0, 1)] for d in (0, 1, 2)]
+  idx = jnp.asarray(taps)  # [d, a]; index 4 is the zero row/column
+  sub = k[idx[:, None, :, None], idx[None, :, None, :]]  # [dh, dw, a, b, cin, cout]
+  return jnp.transpose(sub, (0, 1, 4, 2, 3, 5)).reshape(3, 3, cin, 4 * cout)
+
+
+def conv_transpose_2x(x: jax.Array, kernel: jax.Array, impl: str = "transpose") -> jax.Array:
+  """``x [B, H, W, cin]`` → ``[B, 2H, 2W, cout]``, torch ConvTranspose2d(4, 2, 1) without bias;
+  ``kernel [4, 4, cout, cin]`` (torch ``[cin, cout, 4, 4]`` through OIHW → HWIO)."""
+  if kernel.shape[:2] != (4, 4) or kernel.shape[3] != x.shape[-1]:
+    raise ValueError(f"conv_transpose_2x: kernel {kernel.shape} does not match input {x.shape}.")
+  dn = ("NHWC", "HWIO", "NHWC")
+  if impl == "transpose":
+    return jax.lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)), dimension_numbers=dn,
+                                  transpose_kernel=True)
+  if impl != "subpixel":
+    raise ValueError(f"conv_transpose_2x: impl must be one of {CONV_TRANSPOSE_IMPLS}, "
+                     f"got {impl!r}.")
+  b, h, w, _ = x.shape
+  cout = kernel.shape[2]
+  y = jax.lax.conv_general_dilated(x, _subpixel_kernel(kernel).astype(x.dtype), (1, 1),
+                                   ((1, 1), (1, 1)), dimension_numbers=dn)
+  y = y.reshape(b, h, w, 2, 2, cout).transpose(0, 1, 3, 2, 4, 5)
+  return y.reshape(b, 2 * h, 2 * w, cout)

@@ -260,16 +260,21 @@ def test_deployed_network_equal_with_and_without_mfm(preset):
 
 
 def test_benchmark_prints_its_figures_on_cpu():
-  """benchmark.run on a tiny MIC(DAFormer)+MFM step, with the PyTorch SegFormer comparison."""
+  """benchmark.run on a tiny MIC(DAFormer)+MFM step, with the side-by-side supervised step of
+  the same network in PyTorch (torch_reference twin, same weights) and in JAX."""
   c = _config(**{"mesh.data": 1, "model.depthwise_impl": "xla"})  # cheapest compile
   out = benchmark.run(c, steps=2, warmup=1, with_torch=True)
   assert out["deployed_equal"] and out["devices"] == 1
   assert out["rebuilder_params"] == benchmark.rebuilder_params(c) > 0
   assert out["mfm_step_flops_ratio"] > 1.0 and out["xla_temp_gib_without_mfm"] > 0
   for key in ("compile_s", "step_s", "images_per_s", "xla_temp_gib", "xla_step_flops",
-              "analytic_step_tflops", "achieved_tflops_s", "jax_supervised_step_s",
-              "torch_step_s", "torch_over_jax_supervised"):
+              "analytic_step_tflops", "achieved_tflops_s", "step_cpu_s", "jax_supervised_step_s",
+              "jax_supervised_cpu_s", "torch_step_s", "torch_cpu_s", "jax_cores_used",
+              "torch_cores_used", "torch_over_jax"):
     assert out[key] > 0, key
+  assert out["compared_network"] == "mit_tiny+daformer_sepaspp"
+  assert out["jax_depthwise_impl"] == "xla"
+  assert out["torch_params"] == out["deployed_params_without_mfm"]
   assert out["images_per_s"] == pytest.approx(2 * c.data.batch_size / out["step_s"])
   assert out["mfu"] is None  # no known peak for CPUs
   # Analytic count: source, ClassMix, MIC and MFM training passes (3F each) + the EMA teacher
@@ -288,3 +293,14 @@ def test_benchmark_depthwise_table():
                     (8, 8, 4 * e, 6), (8, 8, 4 * e, 12), (8, 8, 4 * e, 18)]
   rows = benchmark.depthwise_table(c, steps=1, warmup=1)
   assert len(rows) == len(shapes) and all(r["xla_ms"] > 0 and r["shift_ms"] > 0 for r in rows)
+
+
+def test_benchmark_upsample_table():
+  """The Rebuilder projectors' ×2 transposed convs at 256² (grid 8; levels 64/32/16/8 need
+  3/2/1/0 steps), timed in both formulations."""
+  c = _config(**{"data.crop_size": (256, 256), "mfm.grid_size": 16})
+  d, b = c.mfm.embed_dim, c.data.batch_size
+  assert benchmark.upsample_shapes(c) == [(b, 8, 8, d, d // 2, 3), (b, 16, 16, d // 2, d // 4, 2),
+                                          (b, 32, 32, d // 4, d // 4, 1)]
+  rows = benchmark.upsample_table(c, steps=1, warmup=1)
+  assert len(rows) == 3 and all(r["transpose_ms"] > 0 and r["subpixel_ms"] > 0 for r in rows)

@@ -287,3 +287,58 @@ def test_convert_cli_and_init_from(tmp_path):
   q = st.params["rebuilder"]["transformer"]["blocks_0"]["attn"]["qkv"]["kernel"]
   np.testing.assert_array_equal(np.asarray(q), tm.state_dict()[
       "transformer.blocks.0.attn.qkv.weight"].numpy().T)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 4, 16, 8), (1, 3, 5, 8, 12)])
+def test_subpixel_upsampling_equals_the_transposed_conv(shape):
+  """ops.conv_transpose_2x 'subpixel' (3x3 conv + depth-to-space, same kernel) = 'transpose'
+  = torch ConvTranspose2d(4, 2, 1): forward and gradients w.r.t. input and kernel."""
+  from mfm_jax import ops  # pylint: disable=g-import-not-at-top
+  b, h, w, cin, cout = shape
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(b, h, w, cin)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(4, 4, cout, cin)) / 8, jnp.float32)
+  g = jnp.asarray(rng.normal(size=(b, 2 * h, 2 * w, cout)), jnp.float32)
+  outs = {}
+  for impl in ops.CONV_TRANSPOSE_IMPLS:
+    f = lambda x, k, impl=impl: ops.conv_transpose_2x(x, k, impl)  # noqa: E731
+    y, vjp = jax.vjp(f, x, k)
+    outs[impl] = (y, *vjp(g))
+  for a, ref in zip(outs["subpixel"], outs["transpose"]):
+    assert a.shape == ref.shape and _rel(np.asarray(a), np.asarray(ref)) < 1e-5
+  conv = torch.nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False)
+  with torch.no_grad():
+    conv.weight.copy_(torch.from_numpy(np.asarray(k).transpose(3, 2, 0, 1).copy()))
+    want = conv(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())).numpy()
+  assert _rel(np.asarray(outs["subpixel"][0]).transpose(0, 3, 1, 2), want) < 1e-5
+  with pytest.raises(ValueError, match="impl"):
+    ops.conv_transpose_2x(x, k, "bogus")
+
+
+def test_rebuilder_subpixel_option_keeps_parameters_and_outputs():
+  """Rebuilder(upsample_impl='subpixel'): the same parameter tree (checkpoints unchanged) and
+  the same rebuilt features and parameter gradients as the default."""
+  kw = dict(channels=(4, 8, 8, 16), levels=(0, 1, 2, 3), embed_dim=16, num_heads=2)
+  sizes = (16, 8, 4, 2)
+  rng = np.random.default_rng(0)
+  feats = [jnp.asarray(rng.normal(size=(2, s, s, c)), jnp.float32)
+           for s, c in zip(sizes, kw["channels"])]
+  keep = jnp.asarray(rng.uniform(size=(2, 2, 2)) > 0.5, jnp.float32)
+  base = rebuilder.Rebuilder(**kw)
+  params = base.init(jax.random.key(0), feats, keep)["params"]
+  sub = rebuilder.Rebuilder(**kw, upsample_impl="subpixel")
+  assert (jax.tree_util.tree_structure(sub.init(jax.random.key(0), feats, keep)["params"])
+          == jax.tree_util.tree_structure(params))
+
+  def loss(p, m):
+    out, _ = m.apply({"params": p}, feats, keep)
+    return sum(jnp.sum(o ** 2) for o in out), out
+
+  (_, want), g_want = jax.value_and_grad(loss, has_aux=True)(params, base)
+  (_, got), g_got = jax.value_and_grad(loss, has_aux=True)(params, sub)
+  for a, b in zip(got, want):
+    assert _rel(np.asarray(a), np.asarray(b)) < 1e-5
+  # Gradients relative to the largest of all: some leaves (e.g. biases right before a
+  # LayerNorm) are ~1e-5 of the rest and only float noise.
+  flat = lambda g: np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(g)])  # noqa: E731
+  assert _rel(flat(g_got), flat(g_want)) < 1e-5

@@ -175,10 +175,13 @@ class ConvTranspose2x(nn.Module):
 
   The kernel is stored ``[4, 4, cout, cin]`` (torch's ``[cin, cout, 4, 4]`` through the
   converter's generic OIHW → HWIO rule) and applied with ``transpose_kernel=True`` and padding
-  k − 1 − p = 2 on each side.
+  k − 1 − p = 2 on each side. ``impl='subpixel'`` computes the same function with the same
+  parameters as a stride-1 3x3 conv + depth-to-space (``ops.conv_transpose_2x``; XLA's backward
+  of a transposed conv is a known slow path on GPUs).
   """
   features: int
   dtype: Dtype = jnp.float32
+  impl: str = "transpose"  # ops.CONV_TRANSPOSE_IMPLS
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -186,9 +189,7 @@ class ConvTranspose2x(nn.Module):
     kernel = self.param("kernel", _torch_conv_kernel, (k, k, self.features, x.shape[-1]),
                         jnp.float32)
     bias = self.param("bias", _torch_conv_bias(fan_in), (self.features,), jnp.float32)
-    y = jax.lax.conv_transpose(x.astype(self.dtype), kernel.astype(self.dtype), (2, 2),
-                               ((2, 2), (2, 2)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                               transpose_kernel=True)
+    y = ops.conv_transpose_2x(x.astype(self.dtype), kernel.astype(self.dtype), self.impl)
     return y + bias.astype(self.dtype)
 
 
@@ -201,6 +202,7 @@ class Projector(nn.Module):
   """
   out_channels: int
   dtype: Dtype = jnp.float32
+  upsample_impl: str = "transpose"  # ConvTranspose2x.impl
 
   @nn.compact
   def __call__(self, x: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -210,7 +212,8 @@ class Projector(nn.Module):
         x = nn.LayerNorm(epsilon=PROJECTOR_LN_EPS, dtype=self.dtype, name=f"fpn_{idx}")(x)
         x = nn.gelu(x, approximate=False)
         idx += 2
-      x = ConvTranspose2x(d // 2 if s == 0 else d // 4, dtype=self.dtype, name=f"fpn_{idx}")(x)
+      x = ConvTranspose2x(d // 2 if s == 0 else d // 4, dtype=self.dtype,
+                          impl=self.upsample_impl, name=f"fpn_{idx}")(x)
       idx += 1
     x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, kernel_init=_torch_conv_kernel,
                 bias_init=_torch_conv_bias(x.shape[-1]), name=f"fpn_{idx}")(x)
@@ -223,11 +226,12 @@ class Projectors(nn.Module):
   channels: tuple[int, ...]
   levels: tuple[int, ...]
   dtype: Dtype = jnp.float32
+  upsample_impl: str = "transpose"
 
   @nn.compact
   def __call__(self, tokens: jax.Array, sizes: Sequence[tuple[int, int]]) -> list[jax.Array]:
-    return [Projector(self.channels[lvl], dtype=self.dtype, name=f"projector{lvl + 1}")(
-        tokens, sizes[lvl]) for lvl in self.levels]
+    return [Projector(self.channels[lvl], dtype=self.dtype, upsample_impl=self.upsample_impl,
+                      name=f"projector{lvl + 1}")(tokens, sizes[lvl]) for lvl in self.levels]
 
 
 def level_keep(keep: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -246,6 +250,8 @@ class Rebuilder(nn.Module):
       level (the release returns the same map for every level; DeepLabV2 reads only that one).
     embed_dim, depth, num_heads, mlp_ratio: 512, 2, 16, 4 (release).
     pixel_dim: > 0 adds the pixel-regression ablation's Dense head on the tokens.
+    upsample_impl: the projectors' ×2 upsampling, 'transpose' or 'subpixel' (same parameters,
+      same function: ``ops.conv_transpose_2x``).
   """
   channels: tuple[int, ...]
   levels: tuple[int, ...]
@@ -256,6 +262,7 @@ class Rebuilder(nn.Module):
   mlp_ratio: float = 4.0
   pixel_dim: int = 0
   dtype: Dtype = jnp.float32
+  upsample_impl: str = "transpose"
 
   def setup(self):
     if self.embed_dim % self.num_heads:
@@ -268,9 +275,11 @@ class Rebuilder(nn.Module):
     self.transformer = Transformer(self.embed_dim, self.depth, self.num_heads, self.mlp_ratio,
                                    dtype=self.dtype)
     if self.single_projector:
-      self.projector = Projector(self.channels[-1], dtype=self.dtype)
+      self.projector = Projector(self.channels[-1], dtype=self.dtype,
+                                 upsample_impl=self.upsample_impl)
     else:
-      self.projector = Projectors(tuple(self.channels), tuple(self.levels), dtype=self.dtype)
+      self.projector = Projectors(tuple(self.channels), tuple(self.levels), dtype=self.dtype,
+                                  upsample_impl=self.upsample_impl)
     if self.pixel_dim > 0:
       self.pixel_head = nn.Dense(self.pixel_dim, dtype=self.dtype, kernel_init=_xavier)
 
