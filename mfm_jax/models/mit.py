@@ -72,7 +72,8 @@ class DropPath(nn.Module):
     keep = 1.0 - (self.rate if rate is None else rate)
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+    scale = keep if rate is None else keep.astype(x.dtype)  # a traced rate must not promote x
+    return jnp.where(mask, x / scale, jnp.zeros_like(x))
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -207,7 +208,8 @@ class MixVisionTransformer(nn.Module):
     def body(h, xs):
       p, rate, key = xs
       rngs = {} if deterministic else {"dropout": key}
-      return block.apply({"params": p}, h, deterministic, rate, rngs=rngs), None
+      out = block.apply({"params": p}, h, deterministic, rate, rngs=rngs)
+      return out.astype(h.dtype), None
 
     if self.remat:
       body = jax.checkpoint(body)
