@@ -15,6 +15,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from mfm_jax.config import base
+from mfm_jax.config import validation
 from mfm_jax.data import builders
 from mfm_jax.data import labels
 from mfm_jax.data import raw_files
@@ -209,8 +211,10 @@ def test_folder_dataset_with_label_map_and_resolve(tmp_path):
   bad.write_text(json.dumps({"0": 1}))
   with pytest.raises(raw_files.PrepareError, match=r"labels/train/sub/0\.png"):
     builders.prepare("folder", str(root), str(tmp_path / "other"), label_map=str(bad))
-  with pytest.raises(ValueError, match="folder.target_dir"):
-    splits.resolve("folder_target", cfg)
+  c = base.base_config()  # an empty folder is a config error, found before any data is read
+  c.data.target, c.data.folder.target_dir = "folder_target", ""
+  with pytest.raises(validation.ConfigError, match="folder.target_dir"):
+    validation.validate(c)
 
 
 def _corrupt(path):
@@ -385,7 +389,6 @@ def test_stale_incomplete_folders_are_removed(tmp_path):
 def test_synthetic_cli_takes_unset_parameters_from_the_config(tmp_path):
   """--synthetic_* flags override config.data.synthetic.*; unset ones (and generate's shift,
   which has no default of its own) come from the config."""
-  from mfm_jax.config import base  # pylint: disable=g-import-not-at-top
   from mfm_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   no_shift = dict(seed=0, num_source=1, num_target=1, num_val=1, width=16, height=16)
   with pytest.raises(TypeError, match="shift"):
@@ -395,14 +398,14 @@ def test_synthetic_cli_takes_unset_parameters_from_the_config(tmp_path):
   with pytest.raises(ValueError, match=r"config\.data\.synthetic\.shift"):
     synthetic.synthetic_key(cfg)
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  base = [sys.executable, "-m", "mfm_jax.data.prepare", "--dataset=synthetic",
-          f"--data_dir={tmp_path / 'tfds'}", "--synthetic_counts=2,2,1", "--synthetic_size=32x16"]
+  cmd = [sys.executable, "-m", "mfm_jax.data.prepare", "--dataset=synthetic",
+         f"--data_dir={tmp_path / 'tfds'}", "--synthetic_counts=2,2,1", "--synthetic_size=32x16"]
   shift = base.base_config().data.synthetic.shift
   for flag, want in (([], shift), (["--synthetic_shift=1.0"], 1.0)):
-    proc = subprocess.run(base + flag, env=env, cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run(cmd + flag, env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"_32x16_shift{want:g}_v{synthetic.GENERATOR_VERSION}" in proc.stdout, proc.stdout
-  proc = subprocess.run(base[:-1] + ["--synthetic_size=32by16"], env=env, cwd=REPO,
+  proc = subprocess.run(cmd[:-1] + ["--synthetic_size=32by16"], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1 and "--synthetic_size" in proc.stderr, proc.stderr[-2000:]
