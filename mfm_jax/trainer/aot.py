@@ -16,6 +16,7 @@ fusion decisions).
 from __future__ import annotations
 
 import importlib.util
+import os
 import resource
 import time
 from typing import Any
@@ -65,6 +66,10 @@ def topology_devices(topology: str) -> list[Any]:
   if not tpu_compiler_available():
     raise AotError("--aot needs the TPU compiler: pip install \"jax[tpu]\" (same jax version); "
                    "no TPU is needed.")
+  # Only compiling, no chip is touched: several processes may load libtpu at once (otherwise
+  # libtpu's lockfile lets one process at a time), and there are no TPU workers to find.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
     return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
