@@ -229,8 +229,11 @@ def test_signal_stops_within_one_step_with_a_checkpoint(tmp_path, data_dir, monk
   # Neither a log step nor a checkpoint step comes near: the stop must not wait for one.
   cfg = small_config(**{"data.data_dir": data_dir, "log_every": 50, "checkpoint_every": 100})
   out = loop.train_and_evaluate(cfg, work)
-  assert out == {"stopped_at": 3, "preempted": sig, "saved": True}
-  assert checkpoint.Checkpointer(os.path.join(work, "checkpoints"), keep=3).all_steps() == [3]
+  # The loop keeps 2 batches on the devices ahead of the step (parallel.DevicePrefetch): batch
+  # 3 is fetched when step 2 is handed batch 2, so the signal arrives before step 2 runs and the
+  # run stops right after it, with a checkpoint of step 2.
+  assert out == {"stopped_at": 2, "preempted": sig, "saved": True}
+  assert checkpoint.Checkpointer(os.path.join(work, "checkpoints"), keep=3).all_steps() == [2]
   assert not os.path.exists(os.path.join(work, "run.lock"))
 
 

@@ -44,6 +44,7 @@ def rebuild_one(rdir: str, image_index: int = 0, seed: int = 0) -> dict[str, Any
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from mfm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from mfm_jax import ops  # pylint: disable=g-import-not-at-top
   from mfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from mfm_jax.study import visual  # pylint: disable=g-import-not-at-top
   from mfm_jax.trainer import checkpoint
@@ -62,10 +63,10 @@ def rebuild_one(rdir: str, image_index: int = 0, seed: int = 0) -> dict[str, Any
   image = np.asarray(batch["image"])[:, :h, :w]  # the training crop size, top-left
   if image.shape[1:3] != (h, w):
     raise ValueError(f"The val image {image.shape[1:3]} is smaller than the crop {(h, w)}.")
-  feats, _ = net.encode(variables, jnp.asarray(image), train=False)
+  feats, _ = net.encode(variables, ops.normalize_images(jnp.asarray(image)), train=False)
   keep = task.draw_keep(jax.random.key(seed), 1)
   rebuilt, _ = task.rebuild(rebuilder_params, feats, keep)
-  return {"image": visual.denormalise(image[0]), "keep": np.asarray(keep[0]),
+  return {"image": image[0], "keep": np.asarray(keep[0]),
           "levels": list(task.levels),
           "original": [np.asarray(f[0]) for f in feats],
           "rebuilt": [np.asarray(f[0]) for f in rebuilt]}
