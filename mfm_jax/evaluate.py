@@ -21,7 +21,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from mfm_jax.config import validation
 from mfm_jax.data import pipeline

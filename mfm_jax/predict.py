@@ -28,7 +28,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import glob
-import json
 import os
 import sys
 import time

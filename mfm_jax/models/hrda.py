@@ -36,7 +36,6 @@ from typing import Any, ClassVar, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from mfm_jax import ops
 from mfm_jax.evaluation import sliding

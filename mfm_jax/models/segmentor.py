@@ -14,7 +14,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mfm_jax import ops
 from mfm_jax.models import daformer_head
 from mfm_jax.models import deeplab
 from mfm_jax.models import mit
