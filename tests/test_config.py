@@ -91,6 +91,7 @@ def test_parse_arg():
     ("uda.mic.block_size", 1000, "uda.mic.block_size=1000"),
     ("eval.stride", (2048, 2048), "eval.stride"),
     ("data.folder.rgb_labels", "blue", "data.folder.rgb_labels"),
+    ("mfm.upsample_impl", "pixelshuffle", "mfm.upsample_impl"),
 ])
 def test_validate_names_the_key(key, value, match):
   c = fragments.compose(fragments.mic, fragments.mfm, presets="synthetic")

@@ -315,6 +315,13 @@ def test_subpixel_upsampling_equals_the_transposed_conv(shape):
     ops.conv_transpose_2x(x, k, "bogus")
 
 
+def test_upsample_impl_config_key_reaches_the_rebuilder():
+  c = fragments.compose(fragments.mic, fragments.mfm, presets="synthetic")
+  assert state_lib.build_mfm_task(c).module().upsample_impl == "transpose"  # as released
+  c.mfm.upsample_impl = "subpixel"
+  assert state_lib.build_mfm_task(c).module().upsample_impl == "subpixel"
+
+
 def test_rebuilder_subpixel_option_keeps_parameters_and_outputs():
   """Rebuilder(upsample_impl='subpixel'): the same parameter tree (checkpoints unchanged) and
   the same rebuilt features and parameter gradients as the default."""

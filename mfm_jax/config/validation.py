@@ -24,6 +24,7 @@ _CHOICES = {
     "mfm.freeze": ("none", "encoder", "decoder"),
     "mfm.levels": ("last", "all"),
     "mfm.mask_strategy": ("random", "uncertainty"),
+    "mfm.upsample_impl": ("transpose", "subpixel"),
     "eval.mode": ("whole", "slide"),
     "eval.which": ("student", "teacher"),
     "init_scope": ("model", "backbone"),

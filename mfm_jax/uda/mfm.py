@@ -207,7 +207,7 @@ class MFMTask:
                      single_projector=self.single_projector, embed_dim=int(c.embed_dim),
                      depth=int(c.depth), num_heads=int(c.num_heads),
                      mlp_ratio=float(c.mlp_ratio), pixel_dim=self.pixel_dim,
-                     dtype=self.compute_dtype)
+                     upsample_impl=str(c.upsample_impl), dtype=self.compute_dtype)
 
   def init(self, rng: jax.Array, features: list[jax.Array]) -> dict[str, Any]:
     """Rebuilder parameters from example features."""
