@@ -35,3 +35,16 @@ def test_compile_tiny_step_for_v5e():
   assert 0 < out["argument_gib"] < 0.1 and out["temp_gib"] >= 0 and out["total_gib"] > 0
   assert out["xla_flops_per_step"] == pytest.approx(4 * out["xla_flops_per_device"])
   assert out["xla_flops_per_device"] > 1e8  # a real forward + backward, not an empty program
+  assert out["hlo_ops"] >= out["hlo_ops_top_level"] > 100 and out["state_arrays"] > 50
+
+
+def test_program_size_counts_operations_per_function():
+  text = ('func.func public @main(%arg0: tensor<f32>) -> tensor<f32> {\n'
+          '    %0 = stablehlo.add %arg0, %arg0 : tensor<f32>\n'
+          '    %1 = call @f(%0) : (tensor<f32>) -> tensor<f32>\n'
+          '    return %1 : tensor<f32>\n  }\n'
+          '  func.func private @f(%arg0: tensor<f32>) -> tensor<f32> {\n'
+          '    %0 = chlo.square %arg0 : tensor<f32>\n'
+          '    %1 = stablehlo.multiply %0, %0 : tensor<f32>\n'
+          '    return %1 : tensor<f32>\n  }\n')
+  assert aot.program_size(text, 7) == {"hlo_ops": 3, "hlo_ops_top_level": 1, "state_arrays": 7}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import resource
 import time
 from typing import Any
@@ -103,6 +104,17 @@ def abstract_batch(config: ml_collections.ConfigDict, sharding) -> dict[str, Any
           "target_label": spec((b, h, w), jnp.int32)}
 
 
+def program_size(stablehlo: str, state_arrays: int) -> dict[str, int]:
+  """What the compiler is given: StableHLO operations in all / in the top-level function (the
+  rest sit in loop bodies and calls, compiled once each) and the train state's array count
+  (each array gets its own optimizer and EMA update operations)."""
+  op = re.compile(r"^\s*(?:%[^=]+= )?\"?(?:stablehlo|chlo)\.", re.M)
+  ops = lambda text: len(op.findall(text))  # noqa: E731
+  main = re.search(r"func\.func public @main\(.*?(?=\n  func\.func |\Z)", stablehlo, re.S)
+  return {"hlo_ops": ops(stablehlo), "hlo_ops_top_level": ops(main.group(0)) if main else 0,
+          "state_arrays": int(state_arrays)}
+
+
 def _peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # KiB on Linux
 
@@ -111,7 +123,8 @@ def compile_step(config: ml_collections.ConfigDict, topology: str,
                  batch_per_device: int | None = None) -> dict[str, Any]:
   """Compiles the train step of ``config`` for ``topology``; returns the figures.
 
-  Keys: topology, chip, devices, batch_per_device, compile_s, host_peak_rss_gib (this process
+  Keys: topology, chip, devices, batch_per_device, lower_s, compile_s, hlo_ops,
+  hlo_ops_top_level, state_arrays (``program_size``), host_peak_rss_gib (this process
   so far, i.e. at least the compiler's peak), per-device ``*_gib`` (argument, output, temp,
   alias, total = argument + output + temp − alias), hbm_gib, fits, xla_flops_per_device,
   xla_flops_per_step, xla_flops_per_image, bytes_accessed_per_device.
@@ -128,8 +141,12 @@ def compile_step(config: ml_collections.ConfigDict, topology: str,
   batch = abstract_batch(c, NamedSharding(mesh, P(parallel.DATA_AXIS)))
   step, _ = jit_update_fn(c, net, task, tx, mesh)
   t0 = time.perf_counter()
+  lowered = step.lower(state, batch)
+  lower_s = time.perf_counter() - t0
+  program = program_size(lowered.as_text(), len(jax.tree_util.tree_leaves(state)))
+  t0 = time.perf_counter()
   try:
-    compiled = step.lower(state, batch).compile()
+    compiled = lowered.compile()
   except Exception as e:  # pylint: disable=broad-except  (XLA reports assorted errors)
     raise AotError(f"Compiling the step for {topology} failed: {e}") from e
   compile_s = time.perf_counter() - t0
@@ -145,7 +162,8 @@ def compile_step(config: ml_collections.ConfigDict, topology: str,
   return {
       "topology": topology, "chip": kind, "devices": n, "batch_per_device": per_device,
       "compute_dtype": c.model.compute_dtype, "remat": bool(c.model.remat),
-      "compile_s": compile_s, "host_peak_rss_gib": _peak_rss_gib(),
+      "lower_s": lower_s, "compile_s": compile_s, "host_peak_rss_gib": _peak_rss_gib(),
+      **program,
       "argument_gib": arg, "output_gib": out, "temp_gib": temp, "alias_gib": alias,
       "total_gib": total, "hbm_gib": HBM_GIB[kind], "fits": total <= HBM_GIB[kind],
       "xla_flops_per_device": flops, "xla_flops_per_step": flops * n,
