@@ -92,6 +92,7 @@ def test_parse_arg():
     ("eval.stride", (2048, 2048), "eval.stride"),
     ("data.folder.rgb_labels", "blue", "data.folder.rgb_labels"),
     ("mfm.upsample_impl", "pixelshuffle", "mfm.upsample_impl"),
+    ("uda.pseudo_ignore_bottom", 120, r"pseudo_ignore_bottom=120 rows exceed .*crop_size\[0\]=64"),
 ])
 def test_validate_names_the_key(key, value, match):
   c = fragments.compose(fragments.mic, fragments.mfm, presets="synthetic")
