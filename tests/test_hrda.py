@@ -33,6 +33,7 @@ def _config(**hrda_overrides):
   c.model.backbone = "mit_tiny"
   c.model.head_embed_dim = 32
   c.data.crop_size = (64, 64)
+  c.uda.pseudo_ignore_top = c.uda.pseudo_ignore_bottom = 0  # 15 + 120 rows exceed a 64 crop
   c.model.hrda = ml_collections.ConfigDict(dict(
       enabled=True, scales=(1.0, 0.5), hr_crop_size=(32, 32), crop_coord_divisible=8,
       hr_loss_weight=0.1, attention_classwise=True, hr_slide_inference=True,

@@ -97,11 +97,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
   bad = [k for k in c.uda.fd.classes if not 0 <= k < c.model.num_classes]
   if bad:
     raise ConfigError(f"config.uda.fd.classes has ids outside [0, {c.model.num_classes}): {bad}.")
-  rows = int(c.uda.pseudo_ignore_top) + int(c.uda.pseudo_ignore_bottom)
-  if c.uda.enabled and rows > int(c.data.crop_size[0]):
-    raise ConfigError(f"config.uda.pseudo_ignore_top={c.uda.pseudo_ignore_top} + "
-                      f"config.uda.pseudo_ignore_bottom={c.uda.pseudo_ignore_bottom} rows exceed "
-                      f"the crop height config.data.crop_size[0]={c.data.crop_size[0]}.")
   if len(tuple(c.data.pseudo_margins)) not in (0, 4):
     raise ConfigError("config.data.pseudo_margins must be () or (top, bottom, left, right).")
   for key, value in dict(c.optim.custom_keys).items():
@@ -120,6 +115,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ConfigError(str(e)) from None
   if c.mfm.enabled:  # after the names: the token grid needs a known backbone
     validate_mfm(c)
+  rows = int(c.uda.pseudo_ignore_top) + int(c.uda.pseudo_ignore_bottom)
+  if c.uda.enabled and rows > int(c.data.crop_size[0]):
+    raise ConfigError(f"config.uda.pseudo_ignore_top={c.uda.pseudo_ignore_top} + "
+                      f"config.uda.pseudo_ignore_bottom={c.uda.pseudo_ignore_bottom} rows exceed "
+                      f"the crop height config.data.crop_size[0]={c.data.crop_size[0]}.")
 
 
 def validate_mfm(c: ml_collections.ConfigDict) -> None:
