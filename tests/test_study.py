@@ -261,6 +261,49 @@ def test_tables_and_figures_are_written(tiny_study, tmp_path):
                                         "pseudo_weight"]
 
 
+def test_merge_fills_unfinished_runs_from_an_earlier_results_csv(tiny_study, tmp_path):
+  first, second = str(tmp_path / "machine1"), str(tmp_path / "machine2")
+  cli.run_study(tiny_study, first, launcher=FakeLauncher(), figures=False, only="-s0$",
+                log=lambda _: None)
+  old_csv = os.path.join(first, tiny_study, "results.csv")
+  cli.run_study(tiny_study, second, launcher=FakeLauncher(), figures=False, only="-s1$",
+                log=lambda _: None)
+  # Without --merge, seed 0 is pending here; with it, the study is reported as one.
+  runs = grids.study_runs(tiny_study)
+  records = results.collect(runs, second)
+  assert [r["status"] for r in records] == ["pending", "pending", "finished", "finished"]
+  logged = []
+  paths = cli.report(tiny_study, runs, second, visual=False, merge=[old_csv],
+                     log=logged.append)
+  with open(paths["csv"], newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert [float(r["mIoU"]) for r in rows] == [40.0, 41.0, 42.0, 45.5]
+  assert [r["source"] for r in rows] == [old_csv, old_csv, "", ""]
+  assert float(rows[0]["IoU road"]) == 50.0
+  md = open(paths["md"]).read()
+  assert "| net+MFM − net | 2 | +2.25 ± 1.77 |" in md and old_csv in md
+  # A run of the old table with other settings is not merged, and the log says why.
+  with open(old_csv, newline="") as f:
+    table = list(csv.DictReader(f))
+  table[1]["overrides"] = "mfm.mask_ratio=0.9"
+  with open(old_csv, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(table[0]))
+    w.writeheader()
+    w.writerows(table)
+  merged = results.merge(results.collect(runs, second), results.read_csv(old_csv),
+                         log=logged.append)
+  assert [r["status"] for r in merged] == ["finished", "pending", "finished", "finished"]
+  assert any("b-s0" in m and "other settings" in m for m in logged)
+  # A run that finished here wins over the old table.
+  assert merged[3]["source"] == "" and merged[3]["mIoU"] == 45.5
+  bad = tmp_path / "bad.csv"
+  bad.write_text("a,b\n1,2\n")
+  with pytest.raises(ValueError, match="bad.csv.*columns"):
+    results.read_csv(str(bad))
+  with pytest.raises(ValueError, match="nope.csv"):
+    results.read_csv(str(tmp_path / "nope.csv"))
+
+
 def test_parse_override():
   assert cli.parse_override("data.data_dir=/x/y") == ("data.data_dir", "/x/y")
   assert cli.parse_override("num_steps=20") == ("num_steps", 20)

@@ -12,7 +12,9 @@ Flags: ``--seeds=0,1`` (default per study), ``--only=REGEX`` (runs whose name ma
 ``--only='^(source_only|dacs|daformer|mic|oracle)-'`` for the rows without MFM),
 ``--override=KEY=VALUE`` (repeatable, applied to every run and recorded in its spec),
 ``--dry_run`` (print the plan and each run's status, run nothing), ``--report_only`` (only
-rewrite the tables and figures). The tables are rewritten after every run, the figures when
+rewrite the tables and figures), ``--merge=OLD/results.csv`` (repeatable: finished runs of an
+earlier results table, e.g. from another machine, fill the runs not finished here when they
+have the same name, config, overrides and seed). The tables are rewritten after every run, the figures when
 the study ends (or with ``--report_only``). Use one ``--workdir`` for all studies: they share
 runs.
 """
@@ -43,10 +45,18 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def report(study: str, runs: Sequence[grids.Run], workdir: str, common=(),
-           figures: bool = True, visual: bool = True, log=print) -> dict[str, str]:
-  """Rewrites the study's tables (and figures) from whatever runs have finished."""
+           figures: bool = True, visual: bool = True, merge: Sequence[str] = (),
+           log=print) -> dict[str, str]:
+  """Rewrites the study's tables (and figures) from whatever runs have finished.
+
+  ``merge``: earlier ``results.csv`` files whose finished runs fill the runs that have not
+  finished in ``workdir`` (``results.merge``); the learning curves and the prediction grid
+  need the run directories, so they show the runs of ``workdir`` only.
+  """
   out_dir = os.path.join(workdir, study)
   records = results.collect(runs, workdir, common)
+  for path in merge:
+    records = results.merge(records, results.read_csv(path), log=log)
   paths = results.write(records, runs, out_dir)
   if not figures:
     return paths
@@ -85,7 +95,7 @@ def _visual_pair(study, runs, records):
 def run_study(study: str, workdir: str, *, seeds: Sequence[int] | None = None, only: str = "",
               common: Sequence[tuple[str, Any]] = (), dry_run: bool = False,
               report_only: bool = False, figures: bool = True, visual: bool = True,
-              launcher: runner.Launcher = runner.launch_subprocess, log=print) -> dict:
+              merge: Sequence[str] = (), launcher: runner.Launcher = runner.launch_subprocess, log=print) -> dict:
   """Runs (or plans) ``study`` in ``workdir``; returns the runner's outcome by run name."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   runs = grids.study_runs(study, seeds)
@@ -102,8 +112,8 @@ def run_study(study: str, workdir: str, *, seeds: Sequence[int] | None = None, o
     os.makedirs(workdir, exist_ok=True)
     outcome = runner.execute(
         chosen, workdir, common=common, launcher=launcher, log=log,
-        after_each=lambda: report(study, runs, workdir, common, figures=False))
-  report(study, runs, workdir, common, figures=figures, visual=visual, log=log)
+        after_each=lambda: report(study, runs, workdir, common, figures=False, merge=merge))
+  report(study, runs, workdir, common, figures=figures, visual=visual, merge=merge, log=log)
   bad = outcome.get("failed", []) + outcome.get("invalid", [])
   if bad:
     log(f"Not finished: {', '.join(bad)}")
@@ -120,6 +130,9 @@ def define_flags() -> None:
   flags.DEFINE_multi_string("override", [], "KEY=VALUE applied to every run (repeatable).")
   flags.DEFINE_bool("dry_run", False, "Print the plan and each run's status; run nothing.")
   flags.DEFINE_bool("report_only", False, "Only rewrite the tables and figures.")
+  flags.DEFINE_multi_string("merge", [], "An earlier results.csv (e.g. of the same study on "
+                            "another machine) whose finished runs fill the runs not finished "
+                            "in --workdir (repeatable).")
   flags.DEFINE_bool("visual", True, "Write predictions.png when its two runs have finished.")
   flags.mark_flags_as_required(["study", "workdir"])
 
@@ -131,6 +144,6 @@ def main(argv) -> None:
   seeds = None if f.seeds is None else [int(s) for s in f.seeds]
   outcome = run_study(f.study, f.workdir, seeds=seeds, only=f.only,
                       common=[parse_override(o) for o in f.override], dry_run=f.dry_run,
-                      report_only=f.report_only, visual=f.visual)
+                      report_only=f.report_only, visual=f.visual, merge=f.merge)
   if outcome.get("failed") or outcome.get("invalid"):
     raise SystemExit(1)

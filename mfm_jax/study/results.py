@@ -28,6 +28,7 @@ def collect(runs: Sequence[grids.Run], workdir: str, common=()) -> list[dict[str
     spec = runner.read_spec(rdir) or {}
     attempts = spec.get("attempts", [])
     rec: dict[str, Any] = {
+        "source": "",
         "run": run.name, "method": run.row.label, "slug": run.row.slug,
         "config": run.row.config,
         "overrides": ";".join(f"{k}={v}" for k, v in runner.all_overrides(run, common)
@@ -53,6 +54,62 @@ def collect(runs: Sequence[grids.Run], workdir: str, common=()) -> list[dict[str
       rec["status"] = f"partial (step {runner.last_logged_step(rdir)})"
     records.append(rec)
   return records
+
+
+def read_csv(path: str) -> list[dict[str, Any]]:
+  """The records of a ``results.csv`` written by :func:`write` (another machine or session)."""
+  def num(text):
+    return math.nan if text in ("", None) else float(text)
+  try:
+    with open(path, newline="", encoding="utf-8") as f:
+      rows = list(csv.DictReader(f))
+  except OSError as e:
+    raise ValueError(f"Cannot read study results {path!r}: {e}") from e
+  needed = {"run", "config", "overrides", "seed", "status", "mIoU"}
+  if not rows or not needed <= set(rows[0]):
+    raise ValueError(f"{path!r} is not a study results.csv: it needs the columns "
+                     f"{sorted(needed)}.")
+  out = []
+  for row in rows:
+    try:
+      out.append({
+          "source": path, "run": row["run"], "method": row.get("method", ""),
+          "config": row["config"], "overrides": row["overrides"], "seed": int(row["seed"]),
+          "status": row["status"], "mIoU": num(row["mIoU"]),
+          "per_class": {k[len("IoU "):]: num(v) for k, v in row.items()
+                        if k.startswith("IoU ")},
+          "wall_s": num(row.get("wall_s")), "attempts": int(row.get("attempts") or 0),
+          "loadavg": num(row.get("loadavg"))})
+    except ValueError as e:
+      raise ValueError(f"{path!r}, run {row.get('run')!r}: {e}") from e
+  return out
+
+
+def merge(records: Sequence[dict[str, Any]], earlier: Sequence[dict[str, Any]],
+          log=print) -> list[dict[str, Any]]:
+  """Fills the runs that have not finished here with finished runs of earlier results.
+
+  A run of ``earlier`` (:func:`read_csv`) counts only if its name, config, overrides and seed
+  are those of the run in ``records``; a run that finished here is always kept. So a study
+  split over machines or sessions is reported as one, and each merged record keeps the path
+  it came from in ``source``.
+  """
+  by_name = {}
+  for rec in earlier:
+    if rec["status"] == "finished":
+      by_name.setdefault(rec["run"], rec)
+  out = []
+  for rec in records:
+    old = by_name.get(rec["run"])
+    if rec["status"] != "finished" and old is not None:
+      same = all(old[k] == rec[k] for k in ("config", "overrides", "seed"))
+      if same:
+        rec = {**old, "method": rec["method"], "slug": rec.get("slug")}
+      else:
+        log(f"Not merged: {rec['run']} in {old['source']} has other settings "
+            f"({old['config']} {old['overrides']!r}).")
+    out.append(rec)
+  return out
 
 
 def _mean_load(attempts) -> float:
@@ -123,12 +180,14 @@ def summary_markdown(records, runs) -> str:
       by_seed = ", ".join(f"s{s}: {v:+.2f}" for s, v in sorted(d["by_seed"].items()))
       lines.append(f"| {d['method']} − {d['baseline']} | {d['n']} | "
                    f"{_fmt(d['mean'], d['std'], signed=True)} | {by_seed} |")
-  lines += ["", "| run | status | mIoU | wall time (s) | mean load |", "|---|---|---|---|---|"]
+  lines += ["", "| run | status | mIoU | wall time (s) | mean load | from |",
+            "|---|---|---|---|---|---|"]
   for rec in records:
     miou = "–" if math.isnan(rec["mIoU"]) else f"{rec['mIoU']:.2f}"
     wall = "–" if math.isnan(rec["wall_s"]) else f"{rec['wall_s']:.0f}"
     load = "–" if math.isnan(rec["loadavg"]) else f"{rec['loadavg']:.2f}"
-    lines.append(f"| {rec['run']} | {rec['status']} | {miou} | {wall} | {load} |")
+    source = rec.get("source") or "this workdir"
+    lines.append(f"| {rec['run']} | {rec['status']} | {miou} | {wall} | {load} | {source} |")
   return "\n".join(lines) + "\n"
 
 
@@ -149,7 +208,7 @@ def write(records, runs, out_dir: str) -> dict[str, str]:
              if any(not math.isnan(r["per_class"].get(c, math.nan)) for r in records)]
   paths = {k: os.path.join(out_dir, f) for k, f in
            (("csv", "results.csv"), ("json", "results.json"), ("md", "summary.md"))}
-  fields = ["run", "method", "config", "overrides", "seed", "status", "mIoU", "wall_s",
+  fields = ["source", "run", "method", "config", "overrides", "seed", "status", "mIoU", "wall_s",
             "attempts", "loadavg"]
   with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
     w = csv.writer(f)
