@@ -41,6 +41,7 @@ import numpy as np
 
 from mfm_jax.config import fragments
 from mfm_jax.config import validation
+from mfm_jax.models import mit
 from mfm_jax.trainer import parallel
 from mfm_jax.trainer import state as state_lib
 from mfm_jax.trainer.step import jit_update_fn
@@ -209,7 +210,8 @@ def torch_comparison(config, steps: int, warmup: int, torch_threads: int = 0
   from mfm_jax.models import segmentor  # pylint: disable=g-import-not-at-top
   sup = supervised_config(config)
   compiled, state, batch, host, _, _ = compiled_step(sup)
-  variables = jax.device_get({"params": state.params["model"], "batch_stats": state.batch_stats})
+  variables = jax.device_get({"params": mit.unstack_blocks(state.params["model"]),
+                              "batch_stats": state.batch_stats})
   twin_step, info = torch_reference.train_step(sup, variables, host, threads=torch_threads)
 
   def jax_step():

@@ -412,3 +412,34 @@ def test_config_mismatch_is_not_damage(tmp_path):
   assert checkpoint.Checkpointer(tmp_path / "empty", keep=3).restore_latest_good(
       _abstract(net, lambda x: one)) is None
   ckpt.close()
+
+
+def test_a_checkpoint_in_the_other_block_layout_is_converted_on_restore(tmp_path):
+  """model.scan_blocks keeps MiT blocks stacked in the state; a run resumes a checkpoint
+  written in either layout, and load_params always returns the per-block layout."""
+  from mfm_jax.models import mit  # pylint: disable=g-import-not-at-top
+  blocks = {f"block2_{j}": {"w": np.full((3,), j, np.float32)} for j in range(3)}
+  params = {"model": {"backbone": {**blocks, "norm2": {"s": np.ones(3, np.float32)}}}}
+  per_block = _State(step=np.int32(3), params=params,
+                     opt_state=optax.adamw(1e-3).init(params))
+  repl = _replicated4()
+  for written, wanted in ((per_block, mit.stack_blocks(per_block)),
+                          (mit.stack_blocks(per_block), per_block)):
+    root = tmp_path / str(len(os.listdir(tmp_path)))
+    ckpt = checkpoint.Checkpointer(root, keep=3)
+    ckpt.save(3, _put(written, repl))
+    abstract = _abstract(wanted, lambda x: repl)
+    with pytest.raises(checkpoint.CheckpointError, match="does not fit"):
+      ckpt.restore_latest_good(abstract)  # without the conversion: a config mismatch
+    convert = mit.stack_blocks if "blocks2" in str(jax.tree.structure(wanted)) else (
+        mit.unstack_blocks)
+    other = mit.unstack_blocks(abstract) if convert is mit.stack_blocks else (
+        mit.stack_blocks(abstract))
+    step, state, _ = ckpt.restore_latest_good(abstract, (other, convert))
+    assert step == 3 and jax.tree.structure(state) == jax.tree.structure(wanted)
+    _assert_tree_equal(state, wanted)
+    assert all(x.sharding.is_equivalent_to(repl, x.ndim) for x in jax.tree.leaves(state))
+    loaded = checkpoint.load_params(root, subtree=("params", "model"))
+    _assert_tree_equal(loaded, params["model"])
+    assert sorted(loaded["backbone"]) == ["block2_0", "block2_1", "block2_2", "norm2"]
+    ckpt.close()

@@ -361,9 +361,11 @@ def test_dlv2red_resnet101_v1c_count():
 def test_scan_blocks_same_tree_function_and_gradients():
   """model.scan_blocks: each stage's blocks as one lax.scan over the unrolled parameters."""
   x = _X[:, :32, :32]
-  plain = segmentor.build_backbone(_cfg(drop_path_rate=0.1, depthwise_impl="xla"))
-  scanned = segmentor.build_backbone(_cfg(drop_path_rate=0.1, depthwise_impl="xla",
-                                          scan_blocks=True, remat=True))
+  # mit_tiny has one block per stage (nothing to scan): stages of 2, 1, 3, 2 blocks here.
+  kw = dict(mit.MIT_VARIANTS["mit_tiny"], depths=(2, 1, 3, 2), drop_path_rate=0.1,
+            depthwise_impl="xla")
+  plain = mit.MixVisionTransformer(**kw)
+  scanned = mit.MixVisionTransformer(**kw, scan_blocks=True, remat=True)
   v = jax.jit(lambda: plain.init(jax.random.key(0), x, train=False))()
   assert jax.tree.structure(v) == jax.tree.structure(
       jax.eval_shape(lambda: scanned.init(jax.random.key(0), x, train=False)))
@@ -374,5 +376,24 @@ def test_scan_blocks_same_tree_function_and_gradients():
   for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   # Training mode (stochastic depth on) runs and keeps the shapes.
-  out = scanned.apply(v, x, train=True, rngs={"dropout": jax.random.key(1)})
-  assert [f.shape for f in out] == [f.shape for f in plain.apply(v, x, train=False)]
+  out = jax.eval_shape(lambda: scanned.apply(v, x, train=True,
+                                             rngs={"dropout": jax.random.key(1)}))
+  assert [f.shape for f in out] == [f.shape for f in
+                                    jax.eval_shape(lambda: plain.apply(v, x, train=False))]
+  # The stacked layout of the train state (one `blocks{i}` entry per stage of > 1 block): the
+  # same function and, unstacked, the same gradients; stack/unstack are exact inverses.
+  vs = mit.stack_blocks(v)
+  keys = sorted(vs["params"])
+  assert keys[:4] == ["block2_0", "blocks1", "blocks3", "blocks4"]  # stage 2: one block
+  assert vs["params"]["blocks3"]["norm1"]["scale"].shape[0] == 3
+  lc, gc = jax.jit(jax.value_and_grad(lambda v: loss(scanned, v)))(vs)
+  np.testing.assert_allclose(la, lc, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(mit.unstack_blocks(gc))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert jax.tree.structure(mit.unstack_blocks(vs)) == jax.tree.structure(v)
+  assert all((a == b).all() for a, b in zip(jax.tree.leaves(mit.unstack_blocks(vs)),
+                                            jax.tree.leaves(v)))
+  shapes = mit.stack_blocks(jax.eval_shape(lambda: v))  # abstract trees too
+  assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(lambda a: a.shape, vs)
+  with pytest.raises(ValueError, match="block1_0..block1_1"):
+    mit.stack_blocks({"block1_0": {"w": jnp.ones(1)}, "block1_2": {"w": jnp.ones(1)}})

@@ -150,3 +150,39 @@ def test_make_optimizer_reference_config():
     np.testing.assert_allclose(upd["model"]["decode_head"]["conv_seg"]["kernel"], -6e-10, rtol=1e-3)
     np.testing.assert_allclose(upd["model"]["backbone"]["norm4"]["scale"], -6e-11, rtol=1e-3)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(state))
+
+
+def test_stacked_blocks_get_the_groups_and_updates_of_their_blocks():
+  """model.scan_blocks keeps a stage's blocks stacked in the state: each stacked array is in
+  the group of the arrays it stacks, and AdamW's update is the per-block update, stacked."""
+  from mfm_jax.models import mit  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  block = lambda: {"norm1": {"scale": rng.normal(size=(4,)).astype(np.float32)},  # noqa: E731
+                   "attn": {"q": {"kernel": rng.normal(size=(4, 4)).astype(np.float32)}}}
+  params = {"model": {"backbone": {"block2_0": block(), "block2_1": block(), "block2_2": block(),
+                                   "norm2": {"scale": np.ones(4, np.float32)}},
+                      "decode_head": {"conv_seg": {"kernel": np.ones((4, 3), np.float32)}}}}
+  stacked = mit.stack_blocks(params)
+  labels = optim.param_group_labels(stacked, REFERENCE_KEYS)
+  per_block = optim.param_group_labels(params, REFERENCE_KEYS)["model"]["backbone"]
+  assert {per_block[f"block2_{j}"]["norm1"]["scale"] for j in range(3)} == {"norm"}
+  assert labels["model"]["backbone"]["blocks2"]["norm1"]["scale"] == "norm"
+  assert labels["model"]["backbone"]["blocks2"]["attn"]["q"]["kernel"] == optim.DEFAULT_GROUP
+  cfg = base.base_config().optim
+  grads = jax.tree.map(lambda p: np.asarray(rng.normal(size=p.shape), np.float32), params)
+  updates, states = {}, {}
+  for name, tree, g in (("blocks", params, grads),
+                        ("stacked", stacked, mit.stack_blocks(grads))):
+    tx = optim.make_optimizer(cfg, tree, 100)
+    state = tx.init(tree)
+    for _ in range(3):
+      upd, state = tx.update(g, state, tree)
+    updates[name], states[name] = upd, state
+  # The optimizer state converts both ways too, masked (array-less) group entries included.
+  unstacked = mit.unstack_blocks(states["stacked"])
+  assert jax.tree.structure(unstacked) == jax.tree.structure(states["blocks"])
+  for a, b in zip(jax.tree.leaves(unstacked), jax.tree.leaves(states["blocks"])):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(mit.stack_blocks(updates["blocks"])),
+                  jax.tree.leaves(updates["stacked"])):
+    np.testing.assert_allclose(a, b, rtol=1e-6)

@@ -447,3 +447,41 @@ def test_step_on_uint8_images_equals_the_step_on_host_normalised_images(data_dir
   assert len(losses) >= 4, losses  # source, ClassMix, MIC, MFM terms and the total
   for k in losses:
     assert float(on_device[k]) == pytest.approx(float(on_host[k]), rel=1e-5, abs=1e-5), k
+
+
+def test_scan_blocks_state_trains_and_resumes_in_either_layout(tmp_path, data_dir):
+  """model.scan_blocks keeps a stage's MiT blocks stacked in the train state and its
+  checkpoints; the same run resumes without scan_blocks (the checkpoint is converted), and
+  checkpoint.load_params returns the per-block layout whichever was saved."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  c = fragments.compose(fragments.source_only, presets="synthetic,steps=2")
+  c.data.data_dir = data_dir
+  c.data.synthetic.num_source, c.data.synthetic.num_target = 12, 8
+  c.data.synthetic.num_val = 4
+  c.mesh.data = 1
+  c.data.crop_size = (32, 32)
+  c.model.backbone = "mit_b0"  # two blocks per stage (mit_tiny has one: nothing to stack)
+  c.model.scan_blocks = True
+  c.checkpoint_every = 2
+  work = str(tmp_path / "scan")
+  loop.train_and_evaluate(c, work)
+  handler = ocp.PyTreeCheckpointHandler()
+  saved = handler.metadata(epath.Path(work) / "checkpoints" / "2" / "state")
+  handler.close()
+  saved = saved.tree if hasattr(saved, "tree") else saved
+  backbone = saved["params"]["model"]["backbone"]
+  assert {"blocks1", "blocks4"} <= set(backbone) and "block1_0" not in backbone
+  assert tuple(backbone["blocks1"]["norm1"]["scale"].shape) == (2, 32)
+  params = _params(work, 2)["model"]["backbone"]
+  assert {"block1_0", "block1_1", "block4_1"} <= set(params) and "blocks1" not in params
+  # Resume the same workdir to step 3 with the blocks unrolled (per-block layout).
+  c.model.scan_blocks = False
+  c.num_steps = 3
+  c.checkpoint_every = 3
+  report = loop.train_and_evaluate(c, work)
+  assert np.isfinite(report["mIoU"])
+  rows = [_strict_json(l) for l in open(os.path.join(work, "metrics.jsonl"))]
+  assert [r["step"] for r in rows if "loss/total" in r] == [1, 2, 3]
+  later = _params(work, 3)["model"]["backbone"]
+  assert sorted(later) == sorted(params)

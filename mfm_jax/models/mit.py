@@ -17,6 +17,7 @@ practice the encoder is initialised from ImageNet weights.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -177,9 +178,12 @@ class MixVisionTransformer(nn.Module):
     depthwise_impl: formulation of the Mix-FFN depthwise conv (``ops.DEPTHWISE_IMPLS``).
     scan_blocks: run the blocks of a stage as one ``lax.scan`` over their stacked parameters,
       so XLA compiles each stage's block once instead of ``depth`` times (MiT-B5: 3/6/40/3
-      blocks). The parameter tree stays ``block{i}_{j}`` (checkpoints unchanged); the same
-      function, except that stochastic depth draws its masks from one key split per stage
-      (same distribution, other draws).
+      blocks). Takes the parameters in either layout: per block ``block{i}_{j}`` (as
+      initialised, converted and written to checkpoints) or stacked ``blocks{i}``
+      (``stack_blocks``; the train state's layout with scan_blocks, so that neither the
+      optimizer nor the EMA nor each encoder pass handles every block's arrays apart). The
+      same function, except that stochastic depth draws its masks from one key split per
+      stage (same distribution, other draws).
   """
   embed_dims: Sequence[int]
   num_heads: Sequence[int]
@@ -197,8 +201,11 @@ class MixVisionTransformer(nn.Module):
     """The blocks ``block{stage}_*`` as one ``lax.scan`` over their stacked parameters."""
     params = self.variables["params"]
     depth = len(rates)
-    stacked = jax.tree.map(lambda *p: jnp.stack(p),
-                           *[params[f"block{stage}_{j}"] for j in range(depth)])
+    if stacked_name(stage) in params:  # the train state's layout (``stack_blocks``)
+      stacked = params[stacked_name(stage)]
+    else:  # per-block layout (checkpoints, converted weights): stacked on every call
+      stacked = jax.tree.map(lambda *p: jnp.stack(p),
+                             *[params[f"block{stage}_{j}"] for j in range(depth)])
     i = stage - 1
     block = Block(self.embed_dims[i], self.num_heads[i], self.mlp_ratios[i], self.sr_ratios[i],
                   0.0, dtype=self.dtype, depthwise_impl=self.depthwise_impl)
@@ -255,3 +262,103 @@ def mit(variant: str, **kwargs: Any) -> MixVisionTransformer:
     raise ValueError(f"mit.py: unknown MiT variant {variant!r}; choose one of "
                      f"{sorted(MIT_VARIANTS)}.")
   return MixVisionTransformer(**MIT_VARIANTS[variant], **kwargs)
+
+
+# --- parameter layouts: per block (canonical) and stacked per stage (scan_blocks) -------------
+
+_BLOCK_KEY = re.compile(r"^block(\d+)_(\d+)$")
+_STACKED_KEY = re.compile(r"^blocks(\d+)$")
+
+
+def stacked_name(stage: int) -> str:
+  """Key of stage ``stage``'s (1-based) stacked blocks: ``blocks3`` holds ``block3_0..``."""
+  return f"blocks{stage}"
+
+
+def _stack_leaf(*xs):
+  x = xs[0]
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct((len(xs), *x.shape), x.dtype,
+                                sharding=getattr(x, "sharding", None))
+  if isinstance(x, np.ndarray):
+    return np.stack(xs)
+  return jnp.stack(xs)
+
+
+def _unstack_leaf(x, j: int):
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=getattr(x, "sharding", None))
+  return x[j]
+
+
+def _has(node: Any, pattern: re.Pattern) -> bool:
+  return isinstance(node, dict) and any(isinstance(k, str) and pattern.match(k) for k in node)
+
+
+def stack_blocks(tree: Any) -> Any:
+  """Every dict holding ``block{i}_{j}`` entries (stages of more than one block) gets them as
+  one ``blocks{i}`` entry whose arrays have a leading axis of size depth.
+
+  Works on any pytree: parameters, gradients, optimizer moments (optax's masked leaves stay
+  as they are), abstract ``ShapeDtypeStruct`` trees (shardings kept) and numpy trees.
+  ``unstack_blocks`` inverts it exactly.
+  """
+  def convert(node):
+    if not _has(node, _BLOCK_KEY):
+      return node
+    out, stages = {}, {}
+    for key, value in node.items():
+      m = _BLOCK_KEY.match(key) if isinstance(key, str) else None
+      if m:
+        stages.setdefault(int(m.group(1)), {})[int(m.group(2))] = value
+      else:
+        out[key] = value
+    for stage, blocks in stages.items():
+      depth = len(blocks)
+      if sorted(blocks) != list(range(depth)):
+        raise ValueError(f"mit.py: stage {stage} has blocks {sorted(blocks)}; expected "
+                         f"block{stage}_0..block{stage}_{depth - 1}.")
+      if depth == 1:  # not scanned
+        out[f"block{stage}_0"] = blocks[0]
+      elif stacked_name(stage) in node:
+        raise ValueError(f"mit.py: both {stacked_name(stage)} and block{stage}_* present.")
+      else:
+        out[stacked_name(stage)] = jax.tree.map(_stack_leaf, *[blocks[j] for j in range(depth)])
+    return out
+
+  return jax.tree_util.tree_map(convert, tree, is_leaf=lambda n: _has(n, _BLOCK_KEY))
+
+
+def unstack_blocks(tree: Any) -> Any:
+  """Inverse of ``stack_blocks``: ``blocks{i}`` entries back to ``block{i}_{j}`` (a tree
+  without stacked entries is returned as it is). A stage's depth is read off its arrays
+  anywhere in the tree, so entries without arrays (optax's masked leaves) unstack too."""
+  depths: dict[int, set[int]] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    keys = [getattr(k, "key", None) for k in path]
+    stage = next((_STACKED_KEY.match(k) for k in reversed(keys)
+                  if isinstance(k, str) and _STACKED_KEY.match(k)), None)
+    if stage is not None and hasattr(leaf, "shape"):
+      depths.setdefault(int(stage.group(1)), set()).add(int(leaf.shape[0]))
+  for stage, found in depths.items():
+    if len(found) != 1:
+      raise ValueError(f"mit.py: the arrays of {stacked_name(stage)} disagree on the block "
+                       f"count: {sorted(found)}.")
+
+  def convert(node):
+    if not _has(node, _STACKED_KEY):
+      return node
+    out = {}
+    for key, value in node.items():
+      m = _STACKED_KEY.match(key) if isinstance(key, str) else None
+      if not m:
+        out[key] = value
+        continue
+      if int(m.group(1)) not in depths:
+        raise ValueError(f"mit.py: {key} holds no array to read its block count from.")
+      (depth,) = depths[int(m.group(1))]
+      for j in range(depth):
+        out[f"block{m.group(1)}_{j}"] = jax.tree.map(lambda x, j=j: _unstack_leaf(x, j), value)
+    return out
+
+  return jax.tree_util.tree_map(convert, tree, is_leaf=lambda n: _has(n, _STACKED_KEY))

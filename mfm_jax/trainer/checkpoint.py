@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mfm_jax.models import mit
 from mfm_jax.runtime import errors
 
 STATE_ITEM = "state"
@@ -237,34 +238,43 @@ class Checkpointer:
       extra = per_process[jax.process_index()]
     return extra
 
-  def restore_latest_good(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+  def restore_latest_good(self, abstract_state: Any, other_layout=None
+                          ) -> tuple[int, Any, dict] | None:
     """Restores the newest readable checkpoint as ``(step, state, extra)``; None if there is none.
 
     A checkpoint whose data or metadata cannot be read is damaged: it is renamed to
     ``<step>.damaged-<time>`` (by process 0; kept, never deleted) with a warning, and the next
     older one is tried. A checkpoint that reads fine but whose tree does not match
     ``abstract_state`` (the config changed) is not damage: ``CheckpointError`` says what differs
-    and nothing is moved.
+    and nothing is moved. ``other_layout``: ``(abstract state, convert)`` of another layout
+    of the same state (``state.other_layout``); a checkpoint in that layout is read with it and
+    converted (under jit, onto ``abstract_state``'s shardings).
     """
     _check_abstract(abstract_state)
     want = _shapes(abstract_state)
     for step in reversed(self.all_steps()):
+      target, convert = abstract_state, None
       try:
         have = self._saved_shapes(step)
       except Exception:  # pylint: disable=broad-except  (unreadable metadata: try the data)
         have = None
-      if have is not None and have != want:
+      if other_layout is not None and have is not None and have != want and (
+          have == _shapes(other_layout[0])):
+        target, convert = other_layout[0], jax.jit(other_layout[1], out_shardings=jax.tree.map(
+            lambda s: s.sharding, abstract_state))
+      elif have is not None and have != want:
         raise CheckpointError(
             f"Checkpoint step {step} in {self.directory} does not fit this config "
             f"({_describe_difference(have, want)}); was it written with another model or "
             "method config? Use another workdir, or the config it was written with.")
       problem = None
       try:
-        restored = self._read(step, abstract_state)
+        restored = self._read(step, target)
       except Exception as e:  # pylint: disable=broad-except  (tensorstore/ocdbt/JSON errors)
         problem = e
       if _everywhere(problem is None):
-        return step, restored[STATE_ITEM], self._own_extra(step, restored[EXTRA_ITEM])
+        state = restored[STATE_ITEM] if convert is None else convert(restored[STATE_ITEM])
+        return step, state, self._own_extra(step, restored[EXTRA_ITEM])
       self._move_aside(step, problem)
     return None
 
@@ -368,7 +378,8 @@ def load_params(path: str | epath.PathLike,
   """Reads only ``subtree`` of a saved train state as a nested dict of numpy arrays.
 
   ``path`` may be a ``Checkpointer`` root (its latest step is used), one step directory or
-  the ``state`` item directory. Used for ``config.init_from`` and standalone evaluation; no
+  the ``state`` item directory. Used for ``config.init_from`` and standalone evaluation. MiT
+  blocks come per block (``block{i}_{j}``), also from a run with ``model.scan_blocks``. No
   device placement happens, so it works whatever mesh wrote the checkpoint.
   """
   path = epath.Path(path)
@@ -401,4 +412,4 @@ def load_params(path: str | epath.PathLike,
     handler.close()
   for key in subtree:
     restored = restored[key]
-  return restored
+  return mit.unstack_blocks(restored)  # the per-block layout, whichever the run trained in

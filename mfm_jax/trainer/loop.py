@@ -129,7 +129,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: stopping.StopR
   restored = None
   if ckpt.all_steps():
     abstract = state_lib.abstract_train_state(config, net, mfm_task, tx, repl)
-    restored = ckpt.restore_latest_good(abstract)
+    restored = ckpt.restore_latest_good(abstract,
+                                        state_lib.other_layout(config, abstract))
     if restored is None:
       logging.warning("No checkpoint in %s could be read (all moved aside as damaged); "
                       "training starts again from step 0.", ckpt.directory)
