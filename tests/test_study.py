@@ -164,6 +164,7 @@ def test_skip_and_resume(tiny_study, tmp_path):
   assert fake.calls == ["b-s0"] and out["finished"] == ["b-s0"] and len(out["skipped"]) == 3
   spec = runner.read_spec(os.path.join(workdir, "runs", "b-s0"))
   assert [a["returncode"] for a in spec["attempts"]] == [-9, 0]
+  assert all({"jax", "cpus", "xla_flags"} <= set(a) for a in spec["attempts"])
   assert spec["overrides"] == [["mfm.mask_ratio", 0.5], ["seed", 0]]
   assert spec["num_steps"] == 4
 

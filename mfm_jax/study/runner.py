@@ -256,9 +256,16 @@ def _try_lock(rdir: str) -> Iterator[bool]:
 
 def _attempt(run: grids.Run, rdir: str, cmd: list[str], env: dict[str, str],
              spec: dict[str, Any], launcher: Launcher) -> tuple[int | None, float]:
-  """Launches one attempt, recording its wall time, exit code and machine load in the spec."""
+  """Launches one attempt, recording its wall time, exit code and machine load in the spec,
+  and what decides its floating-point results besides the config: the jax version, the CPU
+  affinity and the XLA/JAX flags (threading changes the order of reductions, and over a few
+  hundred self-training steps a last-bit difference grows to a few tenths of mIoU)."""
+  import jax  # pylint: disable=g-import-not-at-top
   attempt = {"start": datetime.datetime.now().isoformat(timespec="seconds"),
-             "loadavg_start": list(os.getloadavg()), "returncode": None}
+             "loadavg_start": list(os.getloadavg()), "returncode": None,
+             "jax": jax.__version__, "cpus": sorted(os.sched_getaffinity(0)),
+             "xla_flags": env.get("XLA_FLAGS", ""),
+             "jax_platforms": env.get("JAX_PLATFORMS", "")}
   spec["attempts"].append(attempt)
   json_io.write_atomic(os.path.join(rdir, SPEC_FILE), spec)
   t0 = time.time()
