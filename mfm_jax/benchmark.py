@@ -26,8 +26,6 @@ ImageNet encoder ≈ F·b (upper bound: the encoder alone is cheaper).
 from __future__ import annotations
 
 import json
-import resource
-import statistics
 import time
 from typing import Any
 
@@ -39,6 +37,11 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from mfm_jax.benchmark_ops import depthwise_shapes  # noqa: F401  (re-exported)
+from mfm_jax.benchmark_ops import depthwise_table
+from mfm_jax.benchmark_ops import timed
+from mfm_jax.benchmark_ops import upsample_shapes  # noqa: F401  (re-exported)
+from mfm_jax.benchmark_ops import upsample_table
 from mfm_jax.config import fragments
 from mfm_jax.config import validation
 from mfm_jax.models import mit
@@ -112,7 +115,13 @@ def _cost_flops(compiled) -> float:
 
 
 def deployed_figures(config) -> dict[str, Any]:
-  """Parameters and forward FLOPs (one image) of the inference network."""
+  """Parameters and forward FLOPs (one image) of the inference network.
+
+  Counted with the MiT blocks unrolled: XLA's cost analysis counts a loop body once, not once
+  per iteration, so a ``model.scan_blocks`` forward would count one block per stage.
+  """
+  config = config.copy_and_resolve_references()
+  config.model.scan_blocks = False
   net = state_lib.build_network(config)
   h, w = config.data.crop_size
   x = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
@@ -122,21 +131,6 @@ def deployed_figures(config) -> dict[str, Any]:
   fwd = jax.jit(lambda v, x: net.predict(v, x, train=False)[0]).lower(variables, x).compile()
   return {"params": n, "forward_flops": _cost_flops(fwd),
           "tree": jax.tree_util.tree_structure(variables["params"])}
-
-
-def timed(call, steps: int, warmup: int) -> tuple[float, float]:
-  """(median wall seconds, median process CPU seconds: user + system, all threads) per
-  ``call()`` (which must wait for its result), after ``warmup`` calls."""
-  for _ in range(warmup):
-    call()
-  walls, cpus = [], []
-  for _ in range(steps):
-    r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    call()
-    walls.append(time.perf_counter() - t)
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpus.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
-  return statistics.median(walls), statistics.median(cpus)
 
 
 def compiled_step(config):
@@ -230,88 +224,6 @@ def torch_comparison(config, steps: int, warmup: int, torch_threads: int = 0
   return out
 
 
-def depthwise_shapes(config) -> list[tuple[int, int, int, int]]:
-  """(H, W, C, dilation) of the model's depthwise convs at the configured crop (MiT Mix-FFN
-  3x3 per stage; the separable ASPP's dilated 3x3 on the stride-4 map), MiT + DAFormer only."""
-  from mfm_jax.models import mit  # pylint: disable=g-import-not-at-top
-  if config.model.backbone not in mit.MIT_VARIANTS:
-    return []
-  v = mit.MIT_VARIANTS[config.model.backbone]
-  h, w = config.data.crop_size
-  if config.model.hrda.enabled:  # the network runs on the HR detail crop and the LR context
-    h, w = config.model.hrda.hr_crop_size
-  shapes = []
-  for i, (dim, ratio) in enumerate(zip(v["embed_dims"], v["mlp_ratios"])):
-    s = 4 * 2**i
-    shapes.append((-(-h // s), -(-w // s), int(dim * ratio), 1))
-  if config.model.head == "daformer_sepaspp":
-    from mfm_jax.models import daformer_head  # pylint: disable=g-import-not-at-top
-    shapes += [(-(-h // 4), -(-w // 4), 4 * config.model.head_embed_dim, d)
-               for d in daformer_head.DAFormerHead.dilations if d > 1]
-  return shapes
-
-
-def depthwise_table(config, steps: int, warmup: int) -> list[dict[str, Any]]:
-  """Forward + backward time of each depthwise conv shape, per formulation (same batch as a
-  step: 2 × batch_size images)."""
-  from mfm_jax import ops  # pylint: disable=g-import-not-at-top
-  dtype = jnp.bfloat16 if config.model.compute_dtype == "bfloat16" else jnp.float32
-  b = 2 * config.data.batch_size
-  rows = []
-  for h, w, c, d in depthwise_shapes(config):
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(b, h, w, c)), dtype)
-    k = jnp.asarray(rng.normal(size=(3, 3, 1, c)), dtype)
-    row = {"shape": f"{b}x{h}x{w}x{c}", "dilation": d}
-    for impl in ops.DEPTHWISE_IMPLS:
-      fn = jax.jit(jax.grad(lambda x, k, impl=impl: jnp.sum(
-          ops.depthwise_conv2d(x, k, dilation=d, padding=d, impl=impl).astype(jnp.float32)),
-                            argnums=(0, 1)))
-      row[f"{impl}_ms"] = 1e3 * timed(
-          lambda fn=fn: jax.block_until_ready(fn(x, k)), max(steps, 1), max(warmup, 1))[0]
-    rows.append(row)
-  return rows
-
-
-def upsample_shapes(config) -> list[tuple[int, int, int, int, int, int]]:
-  """(B, h, w, cin, cout, count) of the Rebuilder projectors' ×2 transposed convs at the
-  configured crop (count = how many projectors run that shape); [] without a Rebuilder."""
-  from mfm_jax.models import rebuilder  # pylint: disable=g-import-not-at-top
-  task = state_lib.build_mfm_task(config)
-  if task is None or not task.has_params:
-    return []
-  b = config.data.batch_size * (2 if config.mfm.domain == "both" else 1)
-  (gh, gw), d = task.grid, int(config.mfm.embed_dim)
-  levels = (len(task.level_sizes) - 1,) if config.model.head.startswith("dlv2") else task.levels
-  counts: dict[tuple[int, ...], int] = {}
-  for lvl in levels:
-    for s in range(rebuilder.upsample_steps(task.level_sizes[lvl], (gh, gw))):
-      key = (b, gh * 2**s, gw * 2**s, d if s == 0 else d // 2 if s == 1 else d // 4,
-             d // 2 if s == 0 else d // 4)
-      counts[key] = counts.get(key, 0) + 1
-  return [(*k, n) for k, n in counts.items()]
-
-
-def upsample_table(config, steps: int, warmup: int) -> list[dict[str, Any]]:
-  """Forward + backward (input and kernel) time of each projector transposed-conv shape, per
-  formulation of ``ops.conv_transpose_2x``."""
-  from mfm_jax import ops  # pylint: disable=g-import-not-at-top
-  dtype = jnp.bfloat16 if config.model.compute_dtype == "bfloat16" else jnp.float32
-  rows = []
-  for b, h, w, cin, cout, n in upsample_shapes(config):
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(b, h, w, cin)), dtype)
-    k = jnp.asarray(rng.normal(size=(4, 4, cout, cin)), dtype)
-    row = {"shape": f"{b}x{h}x{w}x{cin}->{cout}", "count": n}
-    for impl in ops.CONV_TRANSPOSE_IMPLS:
-      fn = jax.jit(jax.grad(lambda x, k, impl=impl: jnp.sum(
-          ops.conv_transpose_2x(x, k, impl).astype(jnp.float32)), argnums=(0, 1)))
-      row[f"{impl}_ms"] = 1e3 * timed(
-          lambda fn=fn: jax.block_until_ready(fn(x, k)), max(steps, 1), max(warmup, 1))[0]
-    rows.append(row)
-  return rows
-
-
 def rebuilder_params(config) -> int:
   """Trainable parameters of the MFM Rebuilder (training only; 0 without one)."""
   task = state_lib.build_mfm_task(config)
@@ -351,6 +263,8 @@ def run(config, steps: int, warmup: int, with_torch: bool, mfm_cost: bool = True
     out["xla_temp_gib_without_mfm"] = base["xla_temp_gib"]
     out["mfm_step_flops_ratio"] = out["xla_step_flops"] / base["xla_step_flops"]
   out["analytic_step_tflops"] = analytic_step_flops(config, d_with["forward_flops"]) / 1e12
+  if config.model.scan_blocks:  # XLA counts each scanned stage's block once, not depth times
+    out["xla_flops_note"] = "lower bound: scan_blocks loop bodies counted once"
   if out["step_s"] is None:  # compile only
     return out
   out["images_per_s"] = 2 * config.data.batch_size / out["step_s"]
@@ -374,6 +288,8 @@ def aot_run(config, topology: str, batch_per_device: int = 0) -> dict[str, Any]:
   forward = deployed_figures(c)["forward_flops"]  # one image, on this machine's backend
   out["analytic_flops_per_step"] = analytic_step_flops(c, forward)
   out["xla_over_analytic"] = out["xla_flops_per_step"] / out["analytic_flops_per_step"]
+  if c.model.scan_blocks:  # XLA counts each scanned stage's block once, not depth times
+    out["xla_flops_note"] = "lower bound: scan_blocks loop bodies counted once"
   return out
 
 

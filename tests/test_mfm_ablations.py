@@ -284,6 +284,17 @@ def test_benchmark_prints_its_figures_on_cpu():
   assert out["analytic_step_tflops"] * 1e12 == pytest.approx(14 * f * c.data.batch_size)
 
 
+def test_deployed_flops_count_every_block_also_with_scan_blocks():
+  """XLA's cost analysis counts a loop body once: the analytic forward is counted unrolled."""
+  c = _config()
+  c.model.backbone = "mit_b0"  # two blocks per stage
+  c.data.crop_size = (32, 32)
+  plain = benchmark.deployed_figures(c)["forward_flops"]
+  c.model.scan_blocks = True
+  assert benchmark.deployed_figures(c)["forward_flops"] == plain
+  assert c.model.scan_blocks  # the caller's config is left as it was
+
+
 def test_benchmark_depthwise_table():
   c = _config()
   shapes = benchmark.depthwise_shapes(c)
