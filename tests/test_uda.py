@@ -312,3 +312,32 @@ def test_helpers_under_jit_with_sharded_batch():
   got = jax.jit(step)(key, *sharded)
   for r, g in zip(ref, got):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone,scan", [("mit_b0", True), ("resnet_tiny_v1c", False)])
+def test_bf16_frozen_imagenet_encoder_gives_identical_features(backbone, scan):
+  """compute_dtype=bfloat16 stores the frozen ImageNet encoder's kernels in bfloat16 (half the
+  memory); its feature-distance features are bit-identical to those of the float32 copy."""
+  from mfm_jax.config import fragments  # pylint: disable=g-import-not-at-top
+  from mfm_jax.models import mit  # pylint: disable=g-import-not-at-top
+  from mfm_jax.trainer import state as state_lib  # pylint: disable=g-import-not-at-top
+  c = fragments.compose(fragments.daformer, presets="synthetic,bf16")
+  c.model.backbone, c.model.scan_blocks = backbone, scan
+  if backbone.startswith("resnet"):
+    fragments.deeplabv2(c)
+  net = state_lib.build_network(c)
+  abstract = state_lib.abstract_train_state(c, net, None, state_lib.build_optimizer(c, net, None))
+  kernels = [a for a in jax.tree.leaves(mit.unstack_blocks(abstract.imnet_params)) if a.ndim >= 2]
+  assert kernels and all(a.dtype == jnp.bfloat16 for a in kernels)
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(abstract.params))
+  v = jax.jit(lambda: state_lib.init_variables(c, net, None, jax.random.key(0)))()
+  stored = state_lib.state_layout(c, state_lib.frozen_encoder(c, v["params"]["model"]["backbone"]))
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+
+  @jax.jit
+  def features(backbone_params):
+    p = {**v["params"]["model"], "backbone": backbone_params}
+    return net.fd_features(net.fd_encode({"params": p, "batch_stats": v["batch_stats"]}, x)[0])
+
+  got, want = features(stored), features(state_lib.state_layout(c, v["params"]["model"]["backbone"]))
+  assert got.dtype == want.dtype and bool((got == want).all())

@@ -162,16 +162,33 @@ def _initial_state(config: ml_collections.ConfigDict, variables: dict[str, Any],
 
   With ``model.scan_blocks`` the MiT blocks of each stage are kept stacked (``state_layout``).
   """
-  params, bstats = state_layout(config, variables["params"]), variables["batch_stats"]
+  per_block, bstats = variables["params"], variables["batch_stats"]
+  params = state_layout(config, per_block)
   teacher, imnet = needs_teacher(config), needs_imnet(config)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=bstats,
       opt_state=tx.init(params),
       ema_params=copy(params["model"]) if teacher else None,
       ema_batch_stats=copy(bstats) if teacher else None,
-      imnet_params=copy(params["model"]["backbone"]) if imnet else None,
+      imnet_params=state_layout(config, frozen_encoder(config, per_block["model"]["backbone"],
+                                                       copy)) if imnet else None,
       imnet_batch_stats=copy(bstats.get("backbone", {})) if imnet else None,
       nonfinite=jnp.zeros((), jnp.bool_))
+
+
+def frozen_encoder(config: ml_collections.ConfigDict, backbone: Any, copy=lambda t: t) -> Any:
+  """The frozen ImageNet encoder's parameters as the state keeps them (per-block layout in).
+
+  With ``model.compute_dtype='bfloat16'`` its kernels (arrays of 2 or more dimensions) are
+  stored in bfloat16: Flax casts them to the compute dtype at every use anyway, so its
+  features are bit-identical (tested) at half the memory (MiT-B5: 0.16 of 0.33 GB per
+  device). Norm scales and biases (1-D, used in float32 by the norms) stay as they are. It is
+  never updated, so nothing accumulates in the lower precision.
+  """
+  if config.model.compute_dtype != "bfloat16":
+    return copy(backbone)
+  return jax.tree_util.tree_map(
+      lambda a: a.astype(jnp.bfloat16) if a.ndim >= 2 else a, copy(backbone))
 
 
 def state_layout(config: ml_collections.ConfigDict, tree: Any) -> Any:
