@@ -339,5 +339,6 @@ def test_bf16_frozen_imagenet_encoder_gives_identical_features(backbone, scan):
     p = {**v["params"]["model"], "backbone": backbone_params}
     return net.fd_features(net.fd_encode({"params": p, "batch_stats": v["batch_stats"]}, x)[0])
 
-  got, want = features(stored), features(state_lib.state_layout(c, v["params"]["model"]["backbone"]))
+  got = features(stored)
+  want = features(state_lib.state_layout(c, v["params"]["model"]["backbone"]))
   assert got.dtype == want.dtype and bool((got == want).all())

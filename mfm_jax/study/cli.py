@@ -95,7 +95,8 @@ def _visual_pair(study, runs, records):
 def run_study(study: str, workdir: str, *, seeds: Sequence[int] | None = None, only: str = "",
               common: Sequence[tuple[str, Any]] = (), dry_run: bool = False,
               report_only: bool = False, figures: bool = True, visual: bool = True,
-              merge: Sequence[str] = (), launcher: runner.Launcher = runner.launch_subprocess, log=print) -> dict:
+              merge: Sequence[str] = (),
+              launcher: runner.Launcher = runner.launch_subprocess, log=print) -> dict:
   """Runs (or plans) ``study`` in ``workdir``; returns the runner's outcome by run name."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   runs = grids.study_runs(study, seeds)
