@@ -285,9 +285,14 @@ def aot_run(config, topology: str, batch_per_device: int = 0) -> dict[str, Any]:
   out = {"date": time.strftime("%Y-%m-%d"), "crop": tuple(config.data.crop_size)}
   out.update(aot.compile_step(config, topology, batch_per_device or None))
   c = aot.aot_config(config, out["batch_per_device"], out["devices"])
-  forward = deployed_figures(c)["forward_flops"]  # one image, on this machine's backend
-  out["analytic_flops_per_step"] = analytic_step_flops(c, forward)
-  out["xla_over_analytic"] = out["xla_flops_per_step"] / out["analytic_flops_per_step"]
+  if c.model.get("hrda") is not None and c.model.hrda.enabled:
+    # HRDA's deployed forward is a sliding-window inference over the whole crop, not the one
+    # detail crop + context of a training pass: 14F·b does not describe its step.
+    out["analytic_flops_per_step"] = "n/a (HRDA: inference forward is sliding-window)"
+  else:
+    forward = deployed_figures(c)["forward_flops"]  # one image, on this machine's backend
+    out["analytic_flops_per_step"] = analytic_step_flops(c, forward)
+    out["xla_over_analytic"] = out["xla_flops_per_step"] / out["analytic_flops_per_step"]
   if c.model.scan_blocks:  # XLA counts each scanned stage's block once, not depth times
     out["xla_flops_note"] = "lower bound: scan_blocks loop bodies counted once"
   return out
