@@ -252,14 +252,14 @@ class Checkpointer:
     """
     _check_abstract(abstract_state)
     want = _shapes(abstract_state)
+    other = _shapes(other_layout[0]) if other_layout is not None else None
     for step in reversed(self.all_steps()):
       target, convert = abstract_state, None
       try:
         have = self._saved_shapes(step)
       except Exception:  # pylint: disable=broad-except  (unreadable metadata: try the data)
         have = None
-      if other_layout is not None and have is not None and have != want and (
-          have == _shapes(other_layout[0])):
+      if have is not None and have != want and have == other:
         target, convert = other_layout[0], jax.jit(other_layout[1], out_shardings=jax.tree.map(
             lambda s: s.sharding, abstract_state))
       elif have is not None and have != want:
