@@ -3,16 +3,28 @@
 Run as a script (``python tests/parallel_check.py N``) so the number of simulated CPU devices
 can be chosen before jax starts; prints a JSON line with the largest differences. Imported by
 tests/test_parallel.py for the in-process 4-device case.
+
+Both runs use a smooth stand-in for ReLU (``smooth_relu``). With ReLU the comparison is
+ill-conditioned, not wrong: the tiny randomly initialised head has a few BN outputs within
+~1e-6 of zero, the 1- and N-device programs round differently at that level, and one ReLU
+that flips its gate moves the gradients of whole layers (measured on the 4-device batch: per-
+leaf max relative difference 2.1e-2, global L2 8e-4, losses equal to 1e-7; the same run with
+the ReLUs smooth: 3.2e-6). Which batches hit such a kink depends on the CPU's kernels, so the
+check would pass or fail by machine. Sharding cannot tell the activations apart, so the smooth
+version tests the same thing: that the mesh changes nothing but rounding.
 """
 
+import contextlib
 import json
 import os
 import sys
+from unittest import mock
 
 if __name__ == "__main__":
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[1]}"
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -66,11 +78,19 @@ def run_step(c, mesh, batch, steps: int = 1):
   return jax.tree_util.tree_map(np.asarray, jax.device_get(metrics))
 
 
+@contextlib.contextmanager
+def smooth_relu():
+  """Within the block, the networks' ``nn.relu`` is GELU (see the module docstring)."""
+  with mock.patch.object(nn, "relu", nn.gelu):
+    yield
+
+
 def compare(n: int) -> dict:
   c = tiny_config(global_batch=n)
   batch = fake_batch(c)
-  one = run_step(c, parallel.make_mesh(1), batch)
-  many = run_step(c, parallel.make_mesh(n), batch)
+  with smooth_relu():
+    one = run_step(c, parallel.make_mesh(1), batch)
+    many = run_step(c, parallel.make_mesh(n), batch)
   losses = {k: (float(one[k]), float(many[k])) for k in one if k.startswith("loss/")}
   rel = lambda a, b: float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12))  # noqa: E731
   grad_rel = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(rel, one["grads"],
