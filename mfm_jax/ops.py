@@ -83,14 +83,32 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, *, dilation: int = 1, padd
         feature_group_count=c)
   if impl != "shift":
     raise ValueError(f"depthwise_conv2d: impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}.")
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  h = xp.shape[1] - dilation * (kh - 1)
-  w = xp.shape[2] - dilation * (kw - 1)
+  # Output pixel y reads input y + o, o = i·dilation − padding. A tap whose window never
+  # overlaps the input (|o| >= H, e.g. dilation 18 on a 16² map) adds only zeros and is left
+  # out, and the input is padded only as far as the remaining taps reach: padding it by the
+  # full 18 there would make every tap, and its gradient, a 52² buffer (10.6x the map).
+  b, hin, win, _ = x.shape
+  hout = hin + 2 * padding - dilation * (kh - 1)
+  wout = win + 2 * padding - dilation * (kw - 1)
+
+  def reaching(k, n_in, n_out):  # offsets of the taps that see the input, and the pad they need
+    offs = [i * dilation - padding for i in range(k)]
+    used = [o for o in offs if max(0, -o) < min(n_out, n_in - o)]
+    pad = (max(0, -min(used)), max(0, max(used) + n_out - n_in)) if used else (0, 0)
+    return offs, used, pad
+
+  offs_y, used_y, pad_y = reaching(kh, hin, hout)
+  offs_x, used_x, pad_x = reaching(kw, win, wout)
+  if not used_y or not used_x:
+    return jnp.zeros((b, hout, wout, c), jnp.result_type(x, kernel))
+  xp = jnp.pad(x, ((0, 0), pad_y, pad_x, (0, 0)))
   out = None
-  for i in range(kh):
-    for j in range(kw):
-      term = xp[:, i * dilation:i * dilation + h, j * dilation:j * dilation + w] * kernel[i, j, 0]
-      out = term if out is None else out + term
+  for i, oy in enumerate(offs_y):
+    for j, ox in enumerate(offs_x):
+      if oy in used_y and ox in used_x:
+        y0, x0 = oy + pad_y[0], ox + pad_x[0]
+        term = xp[:, y0:y0 + hout, x0:x0 + wout] * kernel[i, j, 0]
+        out = term if out is None else out + term
   return out
 
 

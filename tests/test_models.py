@@ -203,16 +203,26 @@ def test_remat_same_tree_and_gradients():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
 
 
-@pytest.mark.parametrize("dilation", [1, 6])
-def test_depthwise_shift_formulation_equals_grouped_conv(dilation):
+@pytest.mark.parametrize("dilation,padding", [(1, 1), (6, 6), (18, 18), (2, 0), (3, 1)])
+def test_depthwise_shift_formulation_equals_grouped_conv(dilation, padding):
+  """Values and gradients (input and kernel); dilation 18 on a 13x17 map leaves taps that read
+  only padding, (2, 0) and (3, 1) give outputs smaller than the input."""
   from mfm_jax import ops  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(dilation)
   x = jnp.asarray(rng.normal(size=(2, 13, 17, 5)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(3, 3, 1, 5)), jnp.float32)
-  a, b = (ops.depthwise_conv2d(x, k, dilation=dilation, padding=dilation, impl=impl)
-          for impl in ("xla", "shift"))
-  assert a.shape == b.shape == x.shape
+  w = jnp.asarray(rng.normal(size=(2, 13 + 2 * padding - 2 * dilation,
+                                   17 + 2 * padding - 2 * dilation, 5)), jnp.float32)
+
+  def f(impl):
+    y = lambda x, k: ops.depthwise_conv2d(x, k, dilation=dilation, padding=padding, impl=impl)  # noqa: E731
+    return y(x, k), jax.grad(lambda x, k: jnp.sum(y(x, k) * w), argnums=(0, 1))(x, k)
+
+  (a, ga), (b, gb) = f("xla"), f("shift")
+  assert a.shape == b.shape == w.shape
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  for u, v in zip(ga, gb):
+    np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-4)
   with pytest.raises(ValueError, match="impl must be one of"):
     ops.depthwise_conv2d(x, k, impl="fft")
 
