@@ -1,5 +1,7 @@
 """Tests for mfm_jax.data.transforms (numpy Resize / RandomCrop / Flip / Normalize / Pad)."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -227,3 +229,25 @@ def test_eval_transform_resizes_keep_ratio_to_uint8():
   image = np.full((1024, 2048, 3), 128, np.uint8)
   out = T.eval_transform(image, (1024, 512))
   assert out.shape == (512, 1024, 3) and out.dtype == np.uint8 and (out == 128).all()
+
+
+@pytest.mark.parametrize("in_hw, out_hw", [((16, 16), (64, 64)), ((8, 8), (64, 64)),
+                                           ((32, 32), (64, 64)), ((1, 5), (4, 15)),
+                                           ((12, 10), (48, 25))])
+def test_integer_upsampling_equals_jax_resize_and_torch(in_hw, out_hw):
+  """ops.resize_bilinear's shifted-slice path (integer factors; (12, 10)→(48, 25) mixes it
+  with jax.image.resize on W): values and gradients."""
+  rng = np.random.default_rng(sum(out_hw))
+  x = jnp.asarray(rng.normal(size=(2, *in_hw, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(2, *out_hw, 3)), jnp.float32)
+  ref = lambda x: jax.image.resize(x, (2, *out_hw, 3), "bilinear", antialias=False)  # noqa: E731
+  got = ops.resize_bilinear(x, out_hw)
+  np.testing.assert_allclose(got, ref(x), rtol=1e-6, atol=1e-6)
+  torch_out = np.stack([_torch_bilinear(np.asarray(x[i]), out_hw) for i in range(2)])
+  np.testing.assert_allclose(got, torch_out, rtol=1e-5, atol=1e-5)
+  grads = [jax.grad(lambda x, f=f: jnp.sum(f(x) * w))(x)
+           for f in (ref, lambda x: ops.resize_bilinear(x, out_hw))]
+  np.testing.assert_allclose(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+  bf16 = ops.resize_bilinear(x.astype(jnp.bfloat16), out_hw)
+  assert bf16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(bf16, np.float32), got, atol=0.05)
