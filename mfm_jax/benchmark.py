@@ -10,7 +10,9 @@ supervised step of the same network in PyTorch and in JAX: our MiT + DAFormer se
 torch twin (``mfm_jax/torch_reference.py``) loaded with the same weights, forward + CE +
 backward + AdamW with the same parameter groups, on the same batch and crop, in the same
 process; wall time per step (median), process CPU time per step (user + system, median) and
-their ratio (cores in use), and ``torch_over_jax`` = torch wall / JAX wall. HRDA configs are
+their ratio (cores in use), and ``torch_over_jax`` = torch wall / JAX wall; and each side's
+transient step memory (peak resident size during one step minus the resident size before it:
+activations, gradients, temporaries; ``benchmark_ops.step_memory``). HRDA configs are
 compared on their plain encoder-decoder at the configured crop. ``--depthwise`` times every
 depthwise conv shape of the model in both formulations (``config.model.depthwise_impl``);
 ``--upsample`` every ×2 transposed conv of the MFM Rebuilder's projectors in both formulations of
@@ -39,6 +41,7 @@ import numpy as np
 
 from mfm_jax.benchmark_ops import depthwise_shapes  # noqa: F401  (re-exported)
 from mfm_jax.benchmark_ops import depthwise_table
+from mfm_jax.benchmark_ops import step_memory
 from mfm_jax.benchmark_ops import timed
 from mfm_jax.benchmark_ops import upsample_shapes  # noqa: F401  (re-exported)
 from mfm_jax.benchmark_ops import upsample_table
@@ -217,10 +220,17 @@ def torch_comparison(config, steps: int, warmup: int, torch_threads: int = 0
   out = {"compared_network": f"{sup.model.backbone}+{sup.model.head}", "jax_depthwise_impl": impl}
   out["jax_supervised_step_s"], out["jax_supervised_cpu_s"] = timed(jax_step, steps, warmup)
   out["torch_step_s"], out["torch_cpu_s"] = timed(twin_step, steps, warmup)
+  # Transient memory of one step on each side, after the timed steps (benchmark_ops.step_memory):
+  # activations, gradients and temporaries, not the parameters and moments both keep.
+  out["jax_step_transient_gib"] = step_memory(jax_step)
+  out["torch_step_transient_gib"] = step_memory(twin_step)
   out.update(info)
   out["jax_cores_used"] = out["jax_supervised_cpu_s"] / out["jax_supervised_step_s"]
   out["torch_cores_used"] = out["torch_cpu_s"] / out["torch_step_s"]
   out["torch_over_jax"] = out["torch_step_s"] / out["jax_supervised_step_s"]
+  if out["jax_step_transient_gib"] and out["torch_step_transient_gib"]:
+    out["jax_over_torch_transient"] = (out["jax_step_transient_gib"]
+                                       / out["torch_step_transient_gib"])
   return out
 
 

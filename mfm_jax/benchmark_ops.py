@@ -9,8 +9,12 @@ formulations of ``ops.conv_transpose_2x`` ('transpose' vs 'subpixel'). Used by
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import os
 import resource
 import statistics
+import threading
 import time
 from typing import Any
 
@@ -34,6 +38,51 @@ def timed(call, steps: int, warmup: int) -> tuple[float, float]:
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     cpus.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
   return statistics.median(walls), statistics.median(cpus)
+
+
+def _rss_bytes() -> int:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _release_freed_memory() -> None:
+  """Collects garbage and hands freed heap pages back to the OS (glibc ``malloc_trim``), so the
+  resident size drops to what is still allocated."""
+  gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
+def step_memory(call, calls: int = 1, interval_s: float = 0.002) -> float | None:
+  """Transient memory of ``call()`` in GiB: the process's peak resident size while it runs
+  (sampled every ``interval_s`` by a thread) minus its resident size just before, after freed
+  memory is handed back. Call after the warm-up, so what persists between calls (parameters,
+  optimizer moments, compiled code) is in the baseline and what one call allocates and frees
+  (activations, gradients, XLA temporaries) is measured. None where /proc is missing."""
+  if not os.path.exists("/proc/self/statm"):
+    return None
+  _release_freed_memory()
+  base = peak = _rss_bytes()
+  done = threading.Event()
+
+  def sample():
+    nonlocal peak
+    while not done.is_set():
+      peak = max(peak, _rss_bytes())
+      time.sleep(interval_s)
+
+  t = threading.Thread(target=sample, daemon=True)
+  t.start()
+  try:
+    for _ in range(calls):
+      call()
+  finally:
+    done.set()
+    t.join()
+  peak = max(peak, _rss_bytes())
+  return (peak - base) / 2**30
 
 
 

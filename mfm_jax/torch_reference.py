@@ -304,11 +304,11 @@ def train_step(config: Any, variables: dict[str, Any], batch: dict[str, np.ndarr
   bf16 = config.model.compute_dtype == "bfloat16"
 
   def step():
-    opt.zero_grad(set_to_none=True)
     with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
       logits = model(x)
     cross_entropy(logits.float(), y).backward()
     opt.step()
+    opt.zero_grad(set_to_none=True)  # gradients do not outlive the step (as in the JAX step)
     if dev == "cuda":
       torch.cuda.synchronize()
 

@@ -1,8 +1,9 @@
 """Compares one train step on a device mesh with the same step on one device.
 
-Run as a script (``python tests/parallel_check.py N``) so the number of simulated CPU devices
-can be chosen before jax starts; prints a JSON line with the largest differences. Imported by
-tests/test_parallel.py for the in-process 4-device case.
+Run as a script (``python tests/parallel_check.py N [MESH ...]``, N simulated CPU devices chosen
+before jax starts, meshes 4 and 8 by default); prints a JSON line with the largest differences
+per mesh size. tests/test_parallel.py runs it once for the 4- and 8-device meshes: three
+compiles (one device, 4, 8) in one process.
 
 Both runs use a smooth stand-in for ReLU (``smooth_relu``). With ReLU the comparison is
 ill-conditioned, not wrong: the tiny randomly initialised head has a few BN outputs within
@@ -41,6 +42,7 @@ def tiny_config(global_batch: int):
   c.uda.mic.block_size = 4
   c.mfm.grid_size = 4
   c.model.head_dropout = 0.0  # dropout masks are sharding-invariant too, but keep it simple
+  c.uda.pseudo_threshold = 0.0  # every pseudo-label counts: the MIC and MFM target terms are live
   c.model.depthwise_impl = "xla"  # ~20 % faster to compile than 'shift' (tested elsewhere)
   return c
 
@@ -85,18 +87,27 @@ def smooth_relu():
     yield
 
 
-def compare(n: int) -> dict:
-  c = tiny_config(global_batch=n)
+def compare(meshes: tuple[int, ...] = (4, 8)) -> dict:
+  """The one-device step against the same step on each mesh size in ``meshes`` (one global
+  batch of ``max(meshes)`` images, so every mesh splits it evenly): per mesh size, the losses
+  of both runs and the largest per-leaf relative gradient difference."""
+  c = tiny_config(global_batch=max(meshes))
   batch = fake_batch(c)
+  rel = lambda a, b: float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12))  # noqa: E731
+  out = {}
   with smooth_relu():
     one = run_step(c, parallel.make_mesh(1), batch)
-    many = run_step(c, parallel.make_mesh(n), batch)
-  losses = {k: (float(one[k]), float(many[k])) for k in one if k.startswith("loss/")}
-  rel = lambda a, b: float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12))  # noqa: E731
-  grad_rel = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(rel, one["grads"],
-                                                                   many["grads"])))
-  return {"devices": n, "losses": losses, "max_grad_rel_diff": grad_rel}
+    for n in meshes:
+      many = run_step(c, parallel.make_mesh(n), batch)
+      losses = {k: (float(one[k]), float(many[k])) for k in one if k.startswith("loss/")}
+      grad_rel = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(rel, one["grads"],
+                                                                       many["grads"])))
+      out[str(n)] = {"devices": n, "losses": losses, "max_grad_rel_diff": grad_rel}
+  return out
 
 
 if __name__ == "__main__":
-  print(json.dumps(compare(int(sys.argv[1]))))
+  jax.config.update("jax_compilation_cache_dir", os.environ.get(  # as tests/conftest.py
+      "MFM_JAX_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mfm_jax_test_xla")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  print(json.dumps(compare(tuple(int(n) for n in sys.argv[2:]) or (4, 8))))

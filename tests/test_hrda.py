@@ -252,6 +252,34 @@ def test_jit_forward_loss_and_grad(tiny):
   assert any(jax.tree.leaves(changed))
 
 
+def test_joint_encoder_equals_two_encoder_calls(tiny):
+  """model.joint_encoder: context image and detail crop (same 32² shape here) in one encoder
+  call give the loss and gradients of two calls (drop path off: the one thing it draws
+  differently)."""
+  _, variables = tiny
+  x, y = _images(3)
+  w = jnp.full(y.shape, 0.5)
+  out = {}
+  for joint in (False, True):
+    c = _config()
+    c.model.drop_path_rate = 0.0
+    c.model.joint_encoder = joint
+    net = hrda.build_network(c)
+    assert net.model.joint_encoder == joint
+    loss_fn = lambda p, net=net: net.forward_loss(  # noqa: E731
+        {"params": p, "batch_stats": variables["batch_stats"]}, x, y, w,
+        rng=jax.random.key(4))[0]
+    out[joint] = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
+  assert float(out[True][0]) == pytest.approx(float(out[False][0]), rel=1e-6)
+  # Relative per leaf, with a floor of 1e-6 of the largest gradient: the biases in front of the
+  # attention head's BatchNorm have a gradient of exactly 0 (~1e-14 of rounding here).
+  floor = 1e-6 * max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(out[False][1]))
+  rel = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b)) / max(float(jnp.max(jnp.abs(a))),
+                                                                      floor)),
+                     out[False][1], out[True][1])
+  assert max(jax.tree.leaves(rel)) < 1e-4
+
+
 # ------------------------------------------------------------------ inference
 
 def test_predict_single_window_equals_whole_image_forward(tiny):

@@ -45,6 +45,13 @@ def base_config() -> ml_collections.ConfigDict:
   # OURS: MiT stages as one lax.scan over their blocks (compiled once per stage, not per block;
   # same parameters and function, other stochastic-depth draws). README "Scaling".
   c.model.scan_blocks = False
+  # OURS: where the encoder treats every image on its own (MiT; not the ResNet's train-mode
+  # BatchNorm), batches share one encoder call: the student's train-mode passes (source,
+  # ClassMix, MIC, MFM target) of the plain encoder-decoder, and HRDA's context image and
+  # detail crop of a training pass. Same FLOPs and per-image features, other drop-path draws;
+  # the compiled step holds fewer encoders (TPU compile time, README "Compile time").
+  # False: one encoder call per pass and scale, as the reference.
+  c.model.joint_encoder = True
   c.model.compute_dtype = "float32"  # 'float32' | 'bfloat16' (params/optimizer stay fp32)
   # Depthwise convs (MiT Mix-FFN, separable ASPP): 'xla' grouped conv | 'shift' multiply-adds |
   # 'auto' (shift on CPU, where it is 9-28x faster per layer, xla on GPU/TPU). Same parameters

@@ -267,7 +267,7 @@ def build_segmentor(config: ml_collections.ConfigDict) -> HRDASegmentor:
   return HRDASegmentor(
       backbone=segmentor_lib.build_backbone(m),
       decode_head=HRDAHead(head=segmentor_lib.build_head(m), scale_attention=attention),
-      lr_scale=lr)
+      lr_scale=lr, joint_encoder=bool(m.joint_encoder))
 
 
 def build_network(config: ml_collections.ConfigDict) -> HRDANetwork:

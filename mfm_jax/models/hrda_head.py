@@ -52,10 +52,15 @@ class HRDASegmentor(nn.Module):
     backbone: the encoder (4 feature levels).
     decode_head: ``HRDAHead``.
     lr_scale: context scale (0.5, §1.4 "scales"); the detail scale is 1.
+    joint_encoder: encode the context image and the detail crop in one encoder call when they
+      have the same shape (training: 1024² crop → 512² context and 512² detail); the MiT
+      encoder treats images independently, so the features are those of two calls up to the
+      drop-path draws (config.model.joint_encoder).
   """
   backbone: nn.Module
   decode_head: HRDAHead
   lr_scale: float = 0.5
+  joint_encoder: bool = False
 
   def encode(self, x: jax.Array, *, train: bool,
              deterministic: bool | None = None) -> list[jax.Array]:
@@ -80,8 +85,16 @@ class HRDASegmentor(nn.Module):
     ``hr_image`` may hold several detail crops/windows stacked on the batch axis.
     Returns ``{'lr_features', 'lr_logits', 'hr_logits', 'attention'}``.
     """
-    lr_feats = self.encode(lr_image, train=train, deterministic=deterministic)
-    hr_feats = self.encode(hr_image, train=train, deterministic=deterministic)
+    if self.joint_encoder and lr_image.shape == hr_image.shape:
+      # One call, the two batches interleaved image by image (data-sharded rows stay local).
+      b = lr_image.shape[0]
+      joint = jnp.stack([lr_image, hr_image], axis=1).reshape(2 * b, *lr_image.shape[1:])
+      feats = [f.reshape(b, 2, *f.shape[1:])
+               for f in self.encode(joint, train=train, deterministic=deterministic)]
+      lr_feats, hr_feats = [f[:, 0] for f in feats], [f[:, 1] for f in feats]
+    else:
+      lr_feats = self.encode(lr_image, train=train, deterministic=deterministic)
+      hr_feats = self.encode(hr_image, train=train, deterministic=deterministic)
     lr_logits = self.decode_single(lr_feats, train=train, deterministic=deterministic)
     hr_logits = self.decode_single(hr_feats, train=train, deterministic=deterministic)
     att = self.attention(lr_feats, train=train, deterministic=deterministic)

@@ -36,6 +36,11 @@ class SegmentationNetwork:
   size."""
 
   model: nn.Module  # models.segmentor.EncoderDecoder (HRDA: models.hrda_head.HRDASegmentor)
+  # True when the encoder treats every image on its own (MiT: LayerNorm, per-image attention;
+  # not DeepLab's ResNet, whose train-mode BatchNorm takes statistics over the batch): then
+  # several batches may share one encoder call (``encode_many``) without changing any image's
+  # features.
+  per_image_encoder: bool = dataclasses.field(default=False, kw_only=True)
   # The model method that runs the decode head on one scale's features.
   decode_method: ClassVar[str] = "decode"
 
@@ -75,8 +80,35 @@ class SegmentationNetwork:
     r_enc, r_dec = (None, None) if rng is None else jax.random.split(rng)
     feats, bs = self.encode(variables, images, train=True, rng=r_enc)
     variables = {**variables, "batch_stats": bs} if bs is not None else variables
-    logits, bs = self.decode(variables, feats, train=True, rng=r_dec)
-    return losses.cross_entropy(logits, labels, weights), feats, bs
+    loss, bs = self.decode_loss(variables, feats, labels, weights, rng=r_dec)
+    return loss, feats, bs
+
+  def decode_loss(self, variables: Variables, features, labels, weights=None, *, rng=None):
+    """The second half of ``forward_loss``: train-mode decoder + CE on encoder ``features``
+    (e.g. from ``encode_many``) → (loss, batch_stats). ``rng`` is the decoder's dropout key."""
+    logits, bs = self.decode(variables, features, train=True, rng=rng)
+    return losses.cross_entropy(logits, labels, weights), bs
+
+  def encode_many(self, variables: Variables, images: list[jax.Array], *, rng=None):
+    """One train-mode encoder call over several same-shape batches → (features of each batch,
+    batch_stats). Only for a ``per_image_encoder``: each image's features are those of its own
+    pass, up to the drop-path draws (one stream for the call instead of one per batch).
+
+    The batches are interleaved image by image (``stack(axis=1)``) rather than concatenated, so
+    under data sharding every device's rows of the joint batch are its own rows of each batch:
+    no image moves between devices. The step's FLOPs are unchanged; the compiled program holds
+    one encoder (and one encoder backward) instead of one per batch, which is what shortens the
+    TPU compile (README, "Compile time").
+    """
+    if not self.per_image_encoder:
+      raise ValueError("SegmentationNetwork.encode_many: this encoder mixes images of a batch "
+                       "(train-mode BatchNorm); encode each batch on its own.")
+    n = len(images)
+    b = images[0].shape[0]
+    joint = jnp.stack(images, axis=1).reshape(b * n, *images[0].shape[1:])
+    feats, bs = self.encode(variables, joint, train=True, rng=rng)
+    per_level = [f.reshape(b, n, *f.shape[1:]) for f in feats]
+    return [[f[:, i] for f in per_level] for i in range(n)], bs
 
   def fd_encode(self, variables: Variables, images: jax.Array, *, train: bool = False):
     """Encoder features for the ImageNet feature distance (HRDA: always the LR context)."""
@@ -97,8 +129,7 @@ class SegmentationNetwork:
   def mfm_decode_loss(self, variables: Variables, features, labels, weights=None, *, rng=None):
     """Train-mode decoder on rebuilt features + CE (MFM classification objective) →
     (loss, batch_stats)."""
-    logits, bs = self.decode(variables, features, train=True, rng=rng)
-    return losses.cross_entropy(logits, labels, weights), bs
+    return self.decode_loss(variables, features, labels, weights, rng=rng)
 
   def predict(self, variables: Variables, images, *, train: bool = False):
     """Deterministic logits bilinearly resized to the input size → (logits, features,

@@ -54,7 +54,8 @@ def build_network(config: ml_collections.ConfigDict) -> SegmentationNetwork:
   if hrda_cfg is not None and hrda_cfg.enabled:
     from mfm_jax.models import hrda  # pylint: disable=g-import-not-at-top
     return hrda.build_network(config)
-  return SegmentationNetwork(segmentor_lib.build_segmentor(config.model))
+  return SegmentationNetwork(segmentor_lib.build_segmentor(config.model),
+                             per_image_encoder=config.model.backbone in mit.MIT_VARIANTS)
 
 
 def mfm_image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:

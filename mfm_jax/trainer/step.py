@@ -14,6 +14,10 @@ reference back-propagates each term separately and accumulates gradients, which 
    mask → Rebuilder → decoder → CE against the pseudo-labels.
 7. AdamW step.
 
+With ``model.joint_encoder`` (MiT, plain encoder-decoder) the encoder runs once for steps 2, 4, 5
+and 6's target pass together (``SegmentationNetwork.encode_many``); the decoder still runs
+once per pass, so the head's BatchNorm statistics are those of each pass, as in the reference.
+
 Randomness: every stream is ``fold_in(key(seed), step)`` split by name, so no key lives in the
 state and a resumed run replays exactly.
 """
@@ -94,49 +98,65 @@ def make_update_fn(config: ml_collections.ConfigDict, net: SegmentationNetwork,
           variables({"backbone": state.imnet_params}, state.imnet_batch_stats), src_img, train=False)
       imnet_feats = jax.lax.stop_gradient(net.fd_features(imnet_feats))
 
+    # The student's train-mode batches: (images, labels, weights, rng). None of them depends on
+    # the parameters, so they are built before the gradient.
+    student = {"src": (src_img, src_lbl, None, keys["src"])}
+    if uda.enabled:
+      # 4. ClassMix + strong augmentation, weighted CE on the mixed batch.
+      if uda.mix == "class":
+        m = classmix.class_mix_masks(keys["mix_select"], src_lbl)
+        mix_img = classmix.mix(m, src_img, tgt_img)
+        mix_lbl = jnp.where(m > 0, src_lbl, pl)
+        mix_w = classmix.mix(m, jnp.ones_like(pw), pw)
+      else:
+        mix_img, mix_lbl, mix_w = tgt_img, pl, pw
+      mix_img = augment.strong_transform(
+          keys["mix_aug"], mix_img, color_jitter_probability=uda.color_jitter_probability,
+          color_jitter_strength=uda.color_jitter_strength, blur=uda.blur, per_sample=True)
+      student["mix"] = (mix_img, mix_lbl, mix_w, keys["mix_fwd"])
+      # 5. MIC masked image consistency.
+      if uda.mic.enabled:
+        mic_img = tgt_img
+        if uda.mic.color_aug:
+          mic_img = augment.strong_transform(
+              keys["mic_aug"], mic_img, color_jitter_probability=uda.color_jitter_probability,
+              color_jitter_strength=uda.color_jitter_strength, blur=uda.blur, per_sample=False)
+        bm = masking.block_mask(keys["mic_mask"], bsz, h, w, uda.mic.block_size, uda.mic.ratio)
+        student["mic"] = (mic_img * bm.astype(mic_img.dtype), pl, pw, keys["mic_fwd"])
+    mfm_target = use_mfm and mfm_cfg.domain in ("target", "both")
+    # model.joint_encoder: one encoder call for all of them (and MFM's clean target pass).
+    joint = (config.model.joint_encoder and net.per_image_encoder
+             and len(student) + int(mfm_target) > 1)
+
     def loss_fn(params):
       terms: dict[str, jax.Array] = {}
       bs = state.batch_stats
-      # 2. Source CE (+ ImageNet feature distance).
-      terms["src_ce"], src_feats, bs = net.forward_loss(
-          variables(params["model"], bs), src_img, src_lbl, rng=keys["src"])
-      if use_fd:
-        terms["fd"] = uda.fd.weight * feature_distance.feature_distance(
-            net.fd_features(src_feats), imnet_feats, src_lbl, classes=tuple(uda.fd.classes),
-            scale_min_ratio=uda.fd.scale_min_ratio, num_classes=config.model.num_classes)
-      if uda.enabled:
-        # 4. ClassMix + strong augmentation, weighted CE on the mixed batch.
-        if uda.mix == "class":
-          m = classmix.class_mix_masks(keys["mix_select"], src_lbl)
-          mix_img = classmix.mix(m, src_img, tgt_img)
-          mix_lbl = jnp.where(m > 0, src_lbl, pl)
-          mix_w = classmix.mix(m, jnp.ones_like(pw), pw)
+      feats = {}
+      if joint:
+        names = list(student) + (["mfm_target"] if mfm_target else [])
+        images = [student[n][0] for n in student] + ([tgt_img] if mfm_target else [])
+        r_enc = jax.random.split(keys["src"])[0]  # forward_loss's encoder half of the src key
+        joint_feats, bs = net.encode_many(variables(params["model"], bs), images, rng=r_enc)
+        feats = dict(zip(names, joint_feats))
+      for name, (images, labels, weights, key) in student.items():
+        v = variables(params["model"], bs)
+        if joint:  # the decoder draws from the same key half as in forward_loss
+          loss, bs = net.decode_loss(v, feats[name], labels, weights,
+                                     rng=jax.random.split(key)[1])
         else:
-          mix_img, mix_lbl, mix_w = tgt_img, pl, pw
-        mix_img = augment.strong_transform(
-            keys["mix_aug"], mix_img, color_jitter_probability=uda.color_jitter_probability,
-            color_jitter_strength=uda.color_jitter_strength, blur=uda.blur, per_sample=True)
-        terms["mix_ce"], _, bs = net.forward_loss(
-            variables(params["model"], bs), mix_img, mix_lbl, mix_w, rng=keys["mix_fwd"])
-        # 5. MIC masked image consistency.
-        if uda.mic.enabled:
-          mic_img = tgt_img
-          if uda.mic.color_aug:
-            mic_img = augment.strong_transform(
-                keys["mic_aug"], mic_img, color_jitter_probability=uda.color_jitter_probability,
-                color_jitter_strength=uda.color_jitter_strength, blur=uda.blur, per_sample=False)
-          bm = masking.block_mask(keys["mic_mask"], bsz, h, w, uda.mic.block_size, uda.mic.ratio)
-          mic_loss, _, bs = net.forward_loss(
-              variables(params["model"], bs), mic_img * bm.astype(mic_img.dtype), pl, pw,
-              rng=keys["mic_fwd"])
-          terms["mic_ce"] = uda.mic.weight * mic_loss
+          loss, feats[name], bs = net.forward_loss(v, images, labels, weights, rng=key)
+        terms[f"{name}_ce"] = uda.mic.weight * loss if name == "mic" else loss
+        if name == "src" and use_fd:  # 2. ImageNet feature distance on the source features
+          terms["fd"] = uda.fd.weight * feature_distance.feature_distance(
+              net.fd_features(feats["src"]), imnet_feats, src_lbl, classes=tuple(uda.fd.classes),
+              scale_min_ratio=uda.fd.scale_min_ratio, num_classes=config.model.num_classes)
       # 6. Masked Feature Modeling (mfm_jax/uda/mfm.py owns the loss).
       if use_mfm:
         mfm_terms, bs = mfm_task.terms(
             params, net, bs, keys=keys,
             target=dict(images=tgt_img, labels=pl, weights=pw, teacher_features=t_feats,
-                        teacher_logits=t_logits),
-            source=dict(images=src_img, labels=src_lbl, features=src_feats,
+                        teacher_logits=t_logits, features=feats.get("mfm_target")),
+            source=dict(images=src_img, labels=src_lbl, features=feats["src"],
                         teacher_features=t_src_feats))
         terms.update(mfm_terms)
       total = sum(terms.values())

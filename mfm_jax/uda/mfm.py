@@ -271,8 +271,10 @@ class MFMTask:
       net: the segmentation network.
       batch_stats: the student's BatchNorm statistics so far in this step.
       keys: the step's named RNG streams (``mfm_tgt_enc``, ``mfm_tgt``, ``mfm_src``).
-      target: dict(images, labels, weights, teacher_features, teacher_logits) of the target
-        batch (pseudo-labels and the EMA teacher's outputs; ``None`` where unused).
+      target: dict(images, labels, weights, teacher_features, teacher_logits, features?) of the
+        target batch (pseudo-labels and the EMA teacher's outputs; ``None`` where unused);
+        ``features``, when given, are the student's train-mode encoder features of ``images``
+        (the step's joint encoder call), else MFM encodes them itself.
       source: dict(images, labels, features, teacher_features) of the source batch
         (``features`` from the source CE forward).
     """
@@ -282,7 +284,9 @@ class MFMTask:
     for name, batch, key in (("target", target, "mfm_tgt"), ("source", source, "mfm_src")):
       if c.domain not in (name, "both"):
         continue
-      if name == "target":  # a fresh train-mode pass over the clean target crop
+      if name == "target" and batch.get("features") is not None:
+        feats = batch["features"]  # the step's joint encoder call (model.joint_encoder)
+      elif name == "target":  # a fresh train-mode pass over the clean target crop
         feats, bs = net.mfm_encode(variables(params["model"], bs), batch["images"],
                                    train=True, rng=keys["mfm_tgt_enc"])
       else:  # the source CE forward's features
