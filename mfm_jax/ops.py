@@ -82,6 +82,22 @@ def _upsample_axis(x: jax.Array, axis: int, factor: int) -> jax.Array:
   return y.reshape(*x.shape[:axis], n * factor, *x.shape[axis + 1:])
 
 
+def interleave_batches(batches: list[jax.Array]) -> jax.Array:
+  """Same-shape batches ``[B, ...]`` → one ``[B·n, ...]`` batch, interleaved image by image.
+
+  Row ``n·i + j`` is image ``i`` of batch ``j``, so under data sharding every device's rows of
+  the joint batch are its own rows of each batch: no image moves between devices (a
+  concatenation would move them). ``split_interleaved`` is the inverse.
+  """
+  return jnp.stack(batches, axis=1).reshape(-1, *batches[0].shape[1:])
+
+
+def split_interleaved(x: jax.Array, n: int) -> list[jax.Array]:
+  """Inverse of ``interleave_batches``: ``[B·n, ...]`` → the ``n`` batches ``[B, ...]``."""
+  y = x.reshape(x.shape[0] // n, n, *x.shape[1:])
+  return [y[:, j] for j in range(n)]
+
+
 def _nearest_index(in_size: int, out_size: int) -> jax.Array:
   # PyTorch 'nearest': src = floor(dst * in / out).
   return jnp.floor(jnp.arange(out_size) * (in_size / out_size)).astype(jnp.int32)
@@ -112,7 +128,7 @@ DEPTHWISE_IMPLS = ("xla", "shift")
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, *, dilation: int = 1, padding: int = 0,
                      impl: str = "xla") -> jax.Array:
   """Stride-1 depthwise conv: ``x [B, H, W, C]``, ``kernel [kh, kw, 1, C]`` (Flax layout)."""
-  kh, kw, one, c = kernel.shape
+  _, _, one, c = kernel.shape
   if one != 1 or x.shape[-1] != c:
     raise ValueError(f"depthwise_conv2d: kernel {kernel.shape} does not match input {x.shape}.")
   if impl == "xla":
@@ -122,51 +138,56 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, *, dilation: int = 1, padd
         feature_group_count=c)
   if impl != "shift":
     raise ValueError(f"depthwise_conv2d: impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}.")
-  if kh == kw and padding <= dilation * (kh - 1):
-    return _depthwise_shift(x, kernel, dilation, padding)
-  return _shift_forward(x, kernel, dilation, padding)  # autodiff (no such layer in the models)
+  return _depthwise_shift(x, kernel, dilation, (padding, padding))
 
 
-def _shift_forward(x, kernel, dilation: int, padding: int):
-  """The 'shift' multiply-adds. Output pixel y reads input y + o, o = i·dilation − padding. A
-  tap whose window never overlaps the input (|o| >= H, e.g. dilation 18 on a 16² map) adds
-  only zeros and is left out, and the input is padded only as far as the remaining taps reach:
-  padding it by the full 18 there would make every tap, and its gradient, a 52² buffer (10.6x
-  the map)."""
-  b, hin, win, c = x.shape
-  kh, kw = kernel.shape[:2]
-  hout = hin + 2 * padding - dilation * (kh - 1)
-  wout = win + 2 * padding - dilation * (kw - 1)
+def _tap_plan(n_in: int, k: int, dilation: int, padding: int):
+  """One axis of the 'shift' conv → (output size, each tap's start in the padded input, the
+  taps whose window meets the input, the zero padding those taps need).
 
-  def reaching(k, n_in, n_out):  # offsets of the taps that see the input, and the pad they need
-    offs = [i * dilation - padding for i in range(k)]
-    used = [o for o in offs if max(0, -o) < min(n_out, n_in - o)]
-    pad = (max(0, -min(used)), max(0, max(used) + n_out - n_in)) if used else (0, 0)
-    return offs, used, pad
+  Output pixel y reads input y + o, o = i·dilation − padding. A tap whose window never
+  overlaps the input (|o| ≥ size, e.g. dilation 18 on a 16² map) adds only zeros and is left
+  out, and the input is padded only as far as the remaining taps reach: padding it by the full
+  18 there would make every tap, and its gradient, a 52² buffer (10.6× the map). A negative
+  ``padding`` crops (the backward of an over-padded conv needs that).
+  """
+  n_out = n_in + 2 * padding - dilation * (k - 1)
+  offs = [i * dilation - padding for i in range(k)]
+  used = [i for i, o in enumerate(offs) if max(0, -o) < min(n_out, n_in - o)]
+  pad = (max(0, -offs[used[0]]), max(0, offs[used[-1]] + n_out - n_in)) if used else (0, 0)
+  return n_out, [o + pad[0] for o in offs], used, pad
 
-  offs_y, used_y, pad_y = reaching(kh, hin, hout)
-  offs_x, used_x, pad_x = reaching(kw, win, wout)
-  if not used_y or not used_x:
-    return jnp.zeros((b, hout, wout, c), jnp.result_type(x, kernel))
-  xp = jnp.pad(x, ((0, 0), pad_y, pad_x, (0, 0)))
+
+def _shift_taps(x, kernel_shape, dilation: int, padding: tuple[int, int]):
+  """The padded input and, per tap (i, j) whose window meets it, that window → (windows dict,
+  output shape)."""
+  hout, sy, used_y, pad_y = _tap_plan(x.shape[1], kernel_shape[0], dilation, padding[0])
+  wout, sx, used_x, pad_x = _tap_plan(x.shape[2], kernel_shape[1], dilation, padding[1])
+  windows = {}
+  if used_y and used_x:
+    xp = jnp.pad(x, ((0, 0), pad_y, pad_x, (0, 0)))
+    windows = {(i, j): xp[:, sy[i]:sy[i] + hout, sx[j]:sx[j] + wout]
+               for i in used_y for j in used_x}
+  return windows, (x.shape[0], hout, wout, x.shape[3])
+
+
+def _shift_forward(x, kernel, dilation: int, padding: tuple[int, int]):
+  """The 'shift' multiply-adds: one slice of the (minimally) padded input per tap."""
+  windows, shape = _shift_taps(x, kernel.shape, dilation, padding)
   out = None
-  for i, oy in enumerate(offs_y):
-    for j, ox in enumerate(offs_x):
-      if oy in used_y and ox in used_x:
-        y0, x0 = oy + pad_y[0], ox + pad_x[0]
-        term = xp[:, y0:y0 + hout, x0:x0 + wout] * kernel[i, j, 0]
-        out = term if out is None else out + term
-  return out
+  for (i, j), window in windows.items():
+    out = window * kernel[i, j, 0] if out is None else out + window * kernel[i, j, 0]
+  return jnp.zeros(shape, jnp.result_type(x, kernel)) if out is None else out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _depthwise_shift(x, kernel, dilation: int, padding: int):
-  """'shift' depthwise conv (square kernel, padding ≤ dilation·(k − 1)) with its backward in
-  the same form. Autodiff transposes each tap's slice into a pad of the whole padded input and
-  XLA keeps those apart: for the separable ASPP at 256² (dilations 6/12/18, 1024 channels)
-  that was 25 buffers of 45–78 MiB, most of the 4.8 GiB of temporaries of the MiT-B5 CPU step.
-  Here the input gradient is the same conv of the output gradient with the kernel flipped
-  (padding dilation·(k − 1) − padding): one padded copy, one fused sum."""
+def _depthwise_shift(x, kernel, dilation: int, padding: tuple[int, int]):
+  """'shift' depthwise conv with its backward in the same form. Autodiff transposes each tap's
+  slice into a pad of the whole padded input and XLA keeps those apart: for the separable
+  ASPP at 256² (dilations 6/12/18, 1024 channels) that was 25 buffers of 45–78 MiB, most of
+  the 4.8 GiB of temporaries of the MiT-B5 CPU step. Here the input gradient is the same conv
+  of the output gradient with the kernel flipped (padding dilation·(k − 1) − padding per axis,
+  negative = crop): one padded copy, one fused sum."""
   return _shift_forward(x, kernel, dilation, padding)
 
 
@@ -176,24 +197,17 @@ def _depthwise_shift_fwd(x, kernel, dilation, padding):
 
 def _depthwise_shift_bwd(dilation, padding, res, g):
   x, kernel = res
-  k = kernel.shape[0]
-  dx = _shift_forward(g, kernel[::-1, ::-1], dilation, dilation * (k - 1) - padding)
-  # Kernel gradient: per tap, the output gradient against the input window the tap read.
-  hin, win = x.shape[1:3]
-  hout, wout = g.shape[1:3]
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  taps = []
-  for i in range(k):
-    for j in range(k):
-      y0, x0 = i * dilation, j * dilation
-      if max(0, padding - y0) < min(hout, hin + padding - y0) and \
-         max(0, padding - x0) < min(wout, win + padding - x0):  # the window meets the input
-        window = xp[:, y0:y0 + hout, x0:x0 + wout]
-        taps.append(jnp.sum(g.astype(jnp.float32) * window.astype(jnp.float32), axis=(0, 1, 2)))
-      else:
-        taps.append(jnp.zeros((kernel.shape[-1],), jnp.float32))
-  dk = jnp.stack(taps).reshape(kernel.shape)
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+  kh, kw = kernel.shape[:2]
+  dx = _shift_forward(g, kernel[::-1, ::-1], dilation,
+                      (dilation * (kh - 1) - padding[0], dilation * (kw - 1) - padding[1]))
+  # Kernel gradient: per tap, the output gradient against the input window the tap read (the
+  # forward's tap plan; taps that read only padding get 0).
+  windows, _ = _shift_taps(x, kernel.shape, dilation, padding)
+  g32 = g.astype(jnp.float32)
+  zero = jnp.zeros((kernel.shape[-1],), jnp.float32)
+  dk = jnp.stack([jnp.sum(g32 * windows[i, j].astype(jnp.float32), axis=(0, 1, 2))
+                  if (i, j) in windows else zero for i in range(kh) for j in range(kw)])
+  return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
 _depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)

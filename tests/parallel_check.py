@@ -87,21 +87,25 @@ def smooth_relu():
     yield
 
 
+def max_grad_rel_diff(a, b) -> float:
+  """Largest per-leaf ``max |a − b| / max |a|`` over two gradient trees."""
+  rel = lambda x, y: float(np.max(np.abs(x - y)) / (np.max(np.abs(x)) + 1e-12))  # noqa: E731
+  return max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(rel, a, b)))
+
+
 def compare(meshes: tuple[int, ...] = (4, 8)) -> dict:
   """The one-device step against the same step on each mesh size in ``meshes`` (one global
   batch of ``max(meshes)`` images, so every mesh splits it evenly): per mesh size, the losses
   of both runs and the largest per-leaf relative gradient difference."""
   c = tiny_config(global_batch=max(meshes))
   batch = fake_batch(c)
-  rel = lambda a, b: float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12))  # noqa: E731
   out = {}
   with smooth_relu():
     one = run_step(c, parallel.make_mesh(1), batch)
     for n in meshes:
       many = run_step(c, parallel.make_mesh(n), batch)
       losses = {k: (float(one[k]), float(many[k])) for k in one if k.startswith("loss/")}
-      grad_rel = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(rel, one["grads"],
-                                                                       many["grads"])))
+      grad_rel = max_grad_rel_diff(one["grads"], many["grads"])
       out[str(n)] = {"devices": n, "losses": losses, "max_grad_rel_diff": grad_rel}
   return out
 

@@ -203,16 +203,21 @@ def test_remat_same_tree_and_gradients():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
 
 
-@pytest.mark.parametrize("dilation,padding", [(1, 1), (6, 6), (18, 18), (2, 0), (3, 1)])
-def test_depthwise_shift_formulation_equals_grouped_conv(dilation, padding):
+@pytest.mark.parametrize("dilation,padding,kernel_hw", [
+    (1, 1, (3, 3)), (6, 6, (3, 3)), (18, 18, (3, 3)), (2, 0, (3, 3)), (3, 1, (3, 3)),
+    (1, 2, (3, 3)), (2, 1, (1, 3)), (1, 0, (5, 2)), (15, 15, (3, 3))])
+def test_depthwise_shift_formulation_equals_grouped_conv(dilation, padding, kernel_hw):
   """Values and gradients (input and kernel); dilation 18 on a 13x17 map leaves taps that read
-  only padding, (2, 0) and (3, 1) give outputs smaller than the input."""
+  only padding, (2, 0) and (3, 1) give outputs smaller than the input, (1, 2) an output larger
+  than it (the backward crops), non-square kernels pad each axis by its own reach, and dilation
+  15 keeps one row of taps on the 13 rows but all three columns on the 17 columns."""
   from mfm_jax import ops  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(dilation)
+  rng = np.random.default_rng(dilation + 7 * padding + kernel_hw[1])
+  kh, kw = kernel_hw
   x = jnp.asarray(rng.normal(size=(2, 13, 17, 5)), jnp.float32)
-  k = jnp.asarray(rng.normal(size=(3, 3, 1, 5)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(2, 13 + 2 * padding - 2 * dilation,
-                                   17 + 2 * padding - 2 * dilation, 5)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(kh, kw, 1, 5)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(2, 13 + 2 * padding - dilation * (kh - 1),
+                                   17 + 2 * padding - dilation * (kw - 1), 5)), jnp.float32)
 
   def f(impl):
     y = lambda x, k: ops.depthwise_conv2d(x, k, dilation=dilation, padding=padding, impl=impl)  # noqa: E731
@@ -225,6 +230,20 @@ def test_depthwise_shift_formulation_equals_grouped_conv(dilation, padding):
     np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-4)
   with pytest.raises(ValueError, match="impl must be one of"):
     ops.depthwise_conv2d(x, k, impl="fft")
+
+
+def test_interleave_batches_and_split():
+  """Rows alternate image by image, so a device's contiguous block of the joint batch holds
+  only its own rows of each batch; split_interleaved undoes it."""
+  from mfm_jax import ops  # pylint: disable=g-import-not-at-top
+  a = jnp.arange(4 * 3, dtype=jnp.float32).reshape(4, 3)
+  b, c = a + 100, a + 200
+  joint = ops.interleave_batches([a, b, c])
+  assert joint.shape == (12, 3)
+  np.testing.assert_array_equal(joint[:, 0], [0, 100, 200, 3, 103, 203, 6, 106, 206,
+                                              9, 109, 209])
+  for got, want in zip(ops.split_interleaved(joint, 3), (a, b, c)):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_depthwise_impl_same_tree_and_outputs():

@@ -87,11 +87,10 @@ class HRDASegmentor(nn.Module):
     """
     if self.joint_encoder and lr_image.shape == hr_image.shape:
       # One call, the two batches interleaved image by image (data-sharded rows stay local).
-      b = lr_image.shape[0]
-      joint = jnp.stack([lr_image, hr_image], axis=1).reshape(2 * b, *lr_image.shape[1:])
-      feats = [f.reshape(b, 2, *f.shape[1:])
+      joint = ops.interleave_batches([lr_image, hr_image])
+      feats = [ops.split_interleaved(f, 2)
                for f in self.encode(joint, train=train, deterministic=deterministic)]
-      lr_feats, hr_feats = [f[:, 0] for f in feats], [f[:, 1] for f in feats]
+      lr_feats, hr_feats = [f[0] for f in feats], [f[1] for f in feats]
     else:
       lr_feats = self.encode(lr_image, train=train, deterministic=deterministic)
       hr_feats = self.encode(hr_image, train=train, deterministic=deterministic)

@@ -103,12 +103,9 @@ class SegmentationNetwork:
     if not self.per_image_encoder:
       raise ValueError("SegmentationNetwork.encode_many: this encoder mixes images of a batch "
                        "(train-mode BatchNorm); encode each batch on its own.")
-    n = len(images)
-    b = images[0].shape[0]
-    joint = jnp.stack(images, axis=1).reshape(b * n, *images[0].shape[1:])
-    feats, bs = self.encode(variables, joint, train=True, rng=rng)
-    per_level = [f.reshape(b, n, *f.shape[1:]) for f in feats]
-    return [[f[:, i] for f in per_level] for i in range(n)], bs
+    feats, bs = self.encode(variables, ops.interleave_batches(images), train=True, rng=rng)
+    per_level = [ops.split_interleaved(f, len(images)) for f in feats]
+    return [list(level_feats) for level_feats in zip(*per_level)], bs
 
   def fd_encode(self, variables: Variables, images: jax.Array, *, train: bool = False):
     """Encoder features for the ImageNet feature distance (HRDA: always the LR context)."""
