@@ -228,6 +228,7 @@ def torch_comparison(config, steps: int, warmup: int, torch_threads: int = 0
   out["jax_cores_used"] = out["jax_supervised_cpu_s"] / out["jax_supervised_step_s"]
   out["torch_cores_used"] = out["torch_cpu_s"] / out["torch_step_s"]
   out["torch_over_jax"] = out["torch_step_s"] / out["jax_supervised_step_s"]
+  out["jax_over_torch"] = 1.0 / out["torch_over_jax"]  # the CPU target: <= 1.0
   if out["jax_step_transient_gib"] and out["torch_step_transient_gib"]:
     out["jax_over_torch_transient"] = (out["jax_step_transient_gib"]
                                        / out["torch_step_transient_gib"])

@@ -272,6 +272,7 @@ def test_benchmark_prints_its_figures_on_cpu():
               "jax_supervised_cpu_s", "torch_step_s", "torch_cpu_s", "jax_cores_used",
               "torch_cores_used", "torch_over_jax"):
     assert out[key] > 0, key
+  assert out["jax_over_torch"] == pytest.approx(1.0 / out["torch_over_jax"])
   assert out["compared_network"] == "mit_tiny+daformer_sepaspp"
   assert out["jax_depthwise_impl"] == "xla"
   assert out["torch_params"] == out["deployed_params_without_mfm"]

@@ -167,6 +167,35 @@ def test_exact_gelu_and_layernorm_eps():
   assert eps == expected
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gelu_exact_values_and_gradient_equal_autodiff(dtype):
+  from mfm_jax import ops
+  x = jnp.linspace(-6.0, 6.0, 1001, dtype=jnp.float32).astype(dtype)
+  np.testing.assert_array_equal(ops.gelu_exact(x), jax.nn.gelu(x, approximate=False))
+  mine = jax.grad(lambda v: jnp.sum(ops.gelu_exact(v).astype(jnp.float32) ** 2))(x)
+  ref = jax.grad(lambda v: jnp.sum(jax.nn.gelu(v, approximate=False).astype(jnp.float32) ** 2))(x)
+  assert mine.dtype == dtype
+  tol = 1e-6 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(mine, np.float32), np.asarray(ref, np.float32),
+                             rtol=tol, atol=tol)
+
+
+def test_gelu_exact_backward_keeps_only_its_input():
+  from mfm_jax import ops
+  dense = jnp.ones((64, 64)) / 64
+
+  def net(x, gelu):  # gelu between matmuls, as in the Mix-FFN; the matmuls keep their inputs
+    for _ in range(6):
+      x = gelu(x @ dense) @ dense
+    return jnp.sum(x ** 2)
+
+  def temp(gelu):
+    fb = jax.jit(jax.grad(lambda x: net(x, gelu)))
+    return fb.lower(jnp.zeros((512, 64))).compile().memory_analysis().temp_size_in_bytes
+
+  assert temp(ops.gelu_exact) < temp(lambda v: jax.nn.gelu(v, approximate=False))
+
+
 def test_dropout_droppath_follow_deterministic(tiny, run):
   _, v = tiny
   k1, k2 = jax.random.key(1), jax.random.key(2)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mfm_jax import ops
 from mfm_jax.models import layers
 
 Dtype = Any
@@ -138,7 +139,7 @@ class MixFFN(nn.Module):
     # Depthwise conv: torch fan_out = 3·3·hidden/groups = 9.
     x = layers.DepthwiseConv(3, kernel_init=_conv_init(9), impl=self.depthwise_impl,
                              dtype=self.dtype, name="dwconv")(x)
-    x = nn.gelu(x, approximate=False)  # reference: nn.GELU() = erf form
+    x = ops.gelu_exact(x)  # reference: nn.GELU() = erf form
     return _dense(self.dim, self.dtype, "fc2")(x)
 
 

@@ -117,7 +117,7 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
     x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_xavier, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)  # nn.GELU() in the release: exact
+    x = ops.gelu_exact(x)  # nn.GELU() in the release: exact
     return nn.Dense(d, dtype=self.dtype, kernel_init=_xavier, name="fc2")(x)
 
 
@@ -210,7 +210,7 @@ class Projector(nn.Module):
     for s in range(upsample_steps(size, x.shape[1:3])):
       if s:
         x = nn.LayerNorm(epsilon=PROJECTOR_LN_EPS, dtype=self.dtype, name=f"fpn_{idx}")(x)
-        x = nn.gelu(x, approximate=False)
+        x = ops.gelu_exact(x)
         idx += 2
       x = ConvTranspose2x(d // 2 if s == 0 else d // 4, dtype=self.dtype,
                           impl=self.upsample_impl, name=f"fpn_{idx}")(x)
