@@ -196,6 +196,46 @@ def test_gelu_exact_backward_keeps_only_its_input():
   assert temp(ops.gelu_exact) < temp(lambda v: jax.nn.gelu(v, approximate=False))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lean_batch_norm_equals_flax_batch_norm(dtype):
+  from mfm_jax.models import layers
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 5, 6, 8)) * 3 + 1, jnp.float32).astype(dtype)
+  kw = dict(momentum=0.9, epsilon=1e-5, dtype=dtype)
+  ours, ref = layers.BatchNorm(False, **kw), nn.BatchNorm(use_running_average=False, **kw)
+  v = ref.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, v)
+  v = {"params": {"scale": jnp.linspace(0.5, 2.0, 8), "bias": jnp.linspace(-1.0, 1.0, 8)},
+       "batch_stats": {"mean": jnp.full((8,), 0.3), "var": jnp.full((8,), 2.0)}}
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+
+  def run(m, v, x):
+    y, new = m.apply(v, x, mutable=["batch_stats"])
+    return y, new["batch_stats"]
+
+  (y1, s1), (y2, s2) = run(ours, v, x), run(ref, v, x)
+  assert y1.dtype == y2.dtype == dtype
+  np.testing.assert_allclose(np.float32(y1), np.float32(y2), **tol)
+  for k in ("mean", "var"):
+    np.testing.assert_allclose(s1[k], s2[k], rtol=1e-6, atol=1e-6)
+  w = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+  def loss(m, p, x):  # the output and both batch statistics in the loss: every cotangent
+    y, new = m.apply({"params": p, "batch_stats": v["batch_stats"]}, x, mutable=["batch_stats"])
+    st = new["batch_stats"]
+    return jnp.sum(jax.nn.relu(y.astype(jnp.float32)) * w) + jnp.sum(st["mean"] * st["var"])
+
+  g1 = jax.grad(lambda p, x: loss(ours, p, x), argnums=(0, 1))(v["params"], x)
+  g2 = jax.grad(lambda p, x: loss(ref, p, x), argnums=(0, 1))(v["params"], x)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol["rtol"] * 10,
+                               atol=tol["atol"] * 10)
+  y3 = layers.BatchNorm(True, **kw).apply(v, x)  # eval: the running statistics
+  np.testing.assert_allclose(np.float32(y3), np.float32(nn.BatchNorm(
+      use_running_average=True, **kw).apply(v, x)), **tol)
+
+
 def test_dropout_droppath_follow_deterministic(tiny, run):
   _, v = tiny
   k1, k2 = jax.random.key(1), jax.random.key(2)

@@ -86,8 +86,8 @@ class ConvModule(nn.Module):
                   feature_group_count=self.groups, use_bias=False, dtype=self.dtype,
                   kernel_init=_kaiming_fan_out, name="conv")(x)
     # torch BN momentum 0.1 ↔ Flax momentum 0.9; eps 1e-5 (§1.2 "norm").
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype, name="bn")(x)
+    x = layers.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                         dtype=self.dtype, name="bn")(x)
     return nn.relu(x)
 
 

@@ -37,3 +37,30 @@ class DepthwiseConv(nn.Module):
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (c,), jnp.float32).astype(self.dtype)
     return y
+
+
+class BatchNorm(nn.Module):
+  """``nn.BatchNorm`` over the last axis with the same parameters (``scale``, ``bias``),
+  statistics (``batch_stats`` ``mean``, ``var``), values and running-average update, whose
+  train-mode backward keeps only its input (``ops.batch_norm_train``). Output in ``dtype``."""
+  use_running_average: bool
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    if self.use_running_average:
+      y = (x.astype(jnp.float32) - ra_mean.value) * (
+          jax.lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
+      return y.astype(self.dtype)
+    y, mean, var = ops.batch_norm_train(x, scale, bias, self.epsilon)
+    if not self.is_initializing():
+      ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * var
+    return y.astype(self.dtype)
