@@ -56,9 +56,8 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
     if self.use_running_average:
-      y = (x.astype(jnp.float32) - ra_mean.value) * (
-          jax.lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
-      return y.astype(self.dtype)
+      return ops.batch_norm_apply(x, ra_mean.value, ra_var.value, scale, bias,
+                                  self.epsilon).astype(self.dtype)
     y, mean, var = ops.batch_norm_train(x, scale, bias, self.epsilon)
     if not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
